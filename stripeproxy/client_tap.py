@@ -1,0 +1,94 @@
+"""``twistd stripe-client``: options and service construction."""
+
+from __future__ import annotations
+
+from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
+from twisted.application.service import IService, MultiService
+from twisted.internet import reactor
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.python import usage
+
+from stripeproxy.client import ClientSettings, Overlay, SocksFactory, SubflowFactory
+from stripeproxy.endpoints import (
+    client_endpoint,
+    is_endpoint_string,
+    parse_host_port,
+    server_endpoint,
+)
+from stripeproxy.options import SESSION_PARAMETERS, SessionOptions
+from stripeproxy.tls import client_tls_creator
+
+
+class Options(SessionOptions):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a local SOCKS5 proxy whose streams are striped across K "
+        "prewarmed subflows to a stripe-server."
+    )
+    optParameters = [
+        ["server", "s", "127.0.0.1:8443", "stripe-server address: host:port or endpoint string."],
+        ["listen", "l", "127.0.0.1:1080", "SOCKS5 listener: host:port or endpoint string."],
+        ["subflows", "k", 6, "Subflows to keep open (K).", int],
+        ["ca", None, None, "CA certificate(s) that verify the server (PEM)."],
+        ["server-fingerprint", None, None, "Pinned SHA-256 fingerprint of the server cert."],
+        ["server-name", None, None, "Name to verify in the server cert (default: its host)."],
+        ["socks-user", None, None, "Require this SOCKS5 username (RFC 1929)."],
+        ["socks-password", None, None, "Password for --socks-user."],
+        ["connect-timeout", None, 10.0, "Seconds to connect one subflow.", float],
+        ["open-timeout", None, 30.0, "Seconds to wait for the server to open a stream.", float],
+        ["retry-max", None, 30.0, "Longest wait between re-dials of a subflow.", float],
+        *SESSION_PARAMETERS,
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["subflows"] < 1:
+            raise usage.UsageError("--subflows must be at least 1")
+        if bool(self["socks-user"]) != bool(self["socks-password"]):
+            raise usage.UsageError("--socks-user and --socks-password go together")
+        if not self["no-tls"]:
+            if not (self["ca"] or self["server-fingerprint"]):
+                raise usage.UsageError(
+                    "verify the server with --ca or --server-fingerprint (or use --no-tls)"
+                )
+            if not self["server-name"]:
+                if is_endpoint_string(self["server"]):
+                    raise usage.UsageError("--server-name is needed with an endpoint string")
+                self["server-name"] = parse_host_port(self["server"])[0]
+
+
+def makeService(options: Options) -> IService:
+    credentials = None
+    if options["socks-user"]:
+        credentials = (options["socks-user"].encode(), options["socks-password"].encode())
+    settings = ClientSettings(
+        reactor=reactor,
+        psk=options["psk"],
+        config=options.session_config(),
+        socks_credentials=credentials,
+        open_timeout=options["open-timeout"],
+        handshake_timeout=options["handshake-timeout"],
+        congestion=options["congestion"],
+    )
+    overlay = Overlay(settings)
+    top = MultiService()
+    creator = None
+    if not options["no-tls"]:
+        creator = client_tls_creator(
+            options["server-name"], options["ca"], options["server-fingerprint"]
+        )
+    factory = SubflowFactory(overlay)
+    for _ in range(options["subflows"]):
+        endpoint = client_endpoint(reactor, options["server"], options["connect-timeout"])
+        if creator is not None:
+            endpoint = wrapClientTLS(creator, endpoint)
+        ClientService(
+            endpoint,
+            factory,
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=options["retry-max"]),
+        ).setServiceParent(top)
+    socks = StreamServerEndpointService(
+        server_endpoint(reactor, options["listen"]), SocksFactory(overlay)
+    )
+    socks.setServiceParent(top)
+    return top

@@ -1,0 +1,192 @@
+"""``stripe-keygen``: create the secrets a fresh overlay install needs.
+
+It writes a self-signed server certificate + key (clients pin its fingerprint)
+and the pre-shared key both ends load.  Existing files are kept unless
+``--force`` so that re-running it never rotates a deployed key by accident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import re
+import secrets
+import sys
+import tempfile
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from stripeproxy.tls import certificate_fingerprint
+
+__all__ = ["generate_self_signed", "load_psk", "main", "write_psk"]
+
+CERT_FILE = "server.crt"
+KEY_FILE = "server.key"
+PSK_FILE = "psk.key"
+
+PSK_BYTES = 32
+MIN_PSK_BYTES = 16
+_HEX_BYTES = re.compile(r"(?:[0-9a-fA-F]{2})+")
+
+# Covers clock skew between the machine that generates and the peers that verify.
+_BACKDATE = datetime.timedelta(minutes=5)
+
+
+def generate_self_signed(hostname: str, days: int) -> tuple[bytes, bytes]:
+    """A self-signed EC P-256 server certificate and its key, both PEM.
+
+    The SAN lists ``hostname`` plus the loopback addresses so that the same
+    certificate also verifies by CA file for local deployments and tests.  An
+    IP-literal ``hostname`` goes in as an IP entry, as that is what clients match.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    not_before = datetime.datetime.now(datetime.UTC) - _BACKDATE
+    loopback = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    try:
+        address = ipaddress.ip_address(hostname)
+    except ValueError:
+        names: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    else:
+        names = [] if address in loopback else [x509.IPAddress(address)]
+    san = x509.SubjectAlternativeName(names + [x509.IPAddress(a) for a in loopback])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_before + datetime.timedelta(days=days))
+        .add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert_pem, key_pem
+
+
+def _write_file(path: str, data: bytes, mode: int) -> None:
+    """Write via a temp file + rename so a crash never leaves a half-written secret.
+
+    The temp file is created 0600, so a secret is never readable by others,
+    not even briefly, whatever the umask.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_psk(path: str) -> bytes:
+    """Write a fresh random pre-shared key as hex (mode 0600) and return its raw bytes."""
+    psk = secrets.token_bytes(PSK_BYTES)
+    _write_file(path, psk.hex().encode("ascii") + b"\n", 0o600)
+    return psk
+
+
+def load_psk(path: str) -> bytes:
+    """Read a pre-shared key file written by :func:`write_psk` (or by hand) as raw bytes."""
+    with open(path, encoding="ascii", errors="replace") as f:
+        text = f.read().strip()
+    if not _HEX_BYTES.fullmatch(text):
+        raise ValueError(f"{path}: the pre-shared key must be hex digits (an even number of them)")
+    psk = bytes.fromhex(text)
+    if len(psk) < MIN_PSK_BYTES:
+        raise ValueError(
+            f"{path}: the pre-shared key is {len(psk)} bytes; at least {MIN_PSK_BYTES} "
+            f"({2 * MIN_PSK_BYTES} hex digits) are required"
+        )
+    return psk
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options for ``stripe-keygen``."""
+    parser = argparse.ArgumentParser(
+        prog="stripe-keygen",
+        description="Create the server certificate/key and the pre-shared key for stripeproxy.",
+    )
+    parser.add_argument("--dir", required=True, help="directory to write the files into")
+    parser.add_argument(
+        "--hostname",
+        default="localhost",
+        help="DNS name the server certificate is issued for (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--days",
+        type=int,
+        default=825,
+        help="certificate validity in days (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace existing files instead of keeping them"
+    )
+    args = parser.parse_args(argv)
+    if args.days < 1:
+        parser.error("--days must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``stripe-keygen``; returns the process exit status."""
+    args = _parse_args(argv)
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    cert_path = os.path.join(args.dir, CERT_FILE)
+    key_path = os.path.join(args.dir, KEY_FILE)
+    psk_path = os.path.join(args.dir, PSK_FILE)
+    created: list[str] = []
+    kept: list[str] = []
+
+    # The certificate and key only make sense together: keep both or make both.
+    have_cert, have_key = os.path.exists(cert_path), os.path.exists(key_path)
+    if have_cert != have_key and not args.force:
+        present, missing = (cert_path, key_path) if have_cert else (key_path, cert_path)
+        sys.stderr.write(
+            f"stripe-keygen: {present} exists but {missing} is missing; "
+            "rerun with --force to generate a new pair\n"
+        )
+        return 1
+    if have_cert and not args.force:
+        kept += [cert_path, key_path]
+    else:
+        cert_pem, key_pem = generate_self_signed(args.hostname, args.days)
+        _write_file(key_path, key_pem, 0o600)
+        _write_file(cert_path, cert_pem, 0o644)
+        created += [cert_path, key_path]
+
+    if os.path.exists(psk_path) and not args.force:
+        kept.append(psk_path)
+    else:
+        write_psk(psk_path)
+        created.append(psk_path)
+
+    for path in created:
+        sys.stdout.write(f"created: {path}\n")
+    for path in kept:
+        sys.stdout.write(f"kept: {path}\n")
+    sys.stdout.write(f"server certificate fingerprint: {certificate_fingerprint(cert_path)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

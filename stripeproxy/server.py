@@ -1,0 +1,219 @@
+"""stripe-server: accepts subflows, groups them into sessions, dials targets."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from stripeproxy import handshake, socks5, wire
+from stripeproxy.driver import SessionDriver
+from stripeproxy.local import LocalStream
+from stripeproxy.session import SessionConfig
+from stripeproxy.subflow import SubflowProtocol
+
+
+@dataclass
+class ServerSettings:
+    """Everything the server's protocols need, built once by the tap."""
+
+    reactor: Any
+    keys: dict[str, bytes]
+    config: SessionConfig = field(default_factory=SessionConfig)
+    max_subflows: int = 16
+    max_sessions: int = 256
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    congestion: str | None = None
+
+
+def reply_code_for(failure: Failure) -> int:
+    """Map a failed target connection to the SOCKS5 reply the client will see."""
+    exc = failure.value
+    if isinstance(exc, error.ConnectionRefusedError):
+        return socks5.REPLY_CONNECTION_REFUSED
+    if isinstance(exc, error.DNSLookupError):
+        return socks5.REPLY_HOST_UNREACHABLE
+    if isinstance(exc, error.TimeoutError | defer.TimeoutError | defer.CancelledError):
+        return socks5.REPLY_TTL_EXPIRED
+    if isinstance(exc, error.NoRouteError):
+        return socks5.REPLY_HOST_UNREACHABLE
+    if isinstance(exc, error.ConnectError) and exc.osError is not None:
+        if exc.osError == errno.ENETUNREACH:
+            return socks5.REPLY_NETWORK_UNREACHABLE
+        if exc.osError == errno.EHOSTUNREACH:
+            return socks5.REPLY_HOST_UNREACHABLE
+    return socks5.REPLY_GENERAL_FAILURE
+
+
+class TargetProtocol(LocalStream):
+    """The server's ordinary TCP connection to the requested target."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.forward(data)
+
+
+_TARGET_FACTORY = Factory.forProtocol(TargetProtocol)
+_TARGET_FACTORY.noisy = False
+
+
+class ServerSessionDriver(SessionDriver):
+    """A server session: OPEN requests become outgoing TCP connections."""
+
+    def __init__(self, settings: ServerSettings, registry: SessionRegistry, session_id: bytes):
+        self.settings = settings
+        self._pending: dict[int, defer.Deferred[Any]] = {}
+        super().__init__(settings.reactor, settings.config, session_id, registry.forget)
+
+    def stream_open_requested(self, stream_id: int, host: str, port: int) -> None:
+        self.log.debug(
+            "session {s}: stream {id} -> {host}:{port}",
+            s=self.label,
+            id=stream_id,
+            host=host,
+            port=port,
+        )
+        endpoint = HostnameEndpoint(
+            self.settings.reactor, host, port, timeout=self.settings.connect_timeout
+        )
+        d = endpoint.connect(_TARGET_FACTORY)
+        self._pending[stream_id] = d
+        d.addCallbacks(self._connected, self._failed, (stream_id,), None, (stream_id,))
+
+    def _connected(self, target: TargetProtocol, stream_id: int) -> None:
+        self._pending.pop(stream_id, None)
+        assert target.transport is not None
+        if not self.session.has_stream(stream_id):
+            target.transport.abortConnection()
+            return
+        target.bind(self, stream_id)
+        bound = target.transport.getHost()
+        self.session.open_succeeded(
+            stream_id, getattr(bound, "host", ""), getattr(bound, "port", 0)
+        )
+        self.rearm()
+
+    def _failed(self, failure: Failure, stream_id: int) -> None:
+        if self._pending.pop(stream_id, None) is None:
+            return  # cancelled because the stream was reset meanwhile
+        code = reply_code_for(failure)
+        self.log.info(
+            "session {s}: stream {id} failed: {why}",
+            s=self.label,
+            id=stream_id,
+            why=failure.getErrorMessage(),
+        )
+        self.session.open_failed(stream_id, code)
+        self.rearm()
+
+    def stream_reset(self, stream_id: int, code: int) -> None:
+        pending = self._pending.pop(stream_id, None)
+        if pending is not None:
+            pending.cancel()
+        super().stream_reset(stream_id, code)
+
+
+class SessionRegistry:
+    """The server's live sessions, keyed by (key id, session id)."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.sessions: dict[bytes, ServerSessionDriver] = {}
+
+    def attach(
+        self, key_id: str, session_id: bytes, flags: int
+    ) -> tuple[ServerSessionDriver | None, int]:
+        """Find or create the session for a new subflow: (driver, WELCOME flags or REJECT code)."""
+        key = key_id.encode() + b"\0" + session_id
+        driver = self.sessions.get(key)
+        if driver is not None:
+            if len(driver.subflows) >= self.settings.max_subflows:
+                return None, wire.REJECT_TOO_MANY_SUBFLOWS
+            return driver, 0
+        if flags & wire.AUTH_JOIN_ONLY:
+            return None, wire.REJECT_UNKNOWN_SESSION
+        if len(self.sessions) >= self.settings.max_sessions:
+            return None, wire.REJECT_TOO_MANY_SESSIONS
+        driver = ServerSessionDriver(self.settings, self, key)
+        self.sessions[key] = driver
+        return driver, wire.WELCOME_CREATED
+
+    def forget(self, driver: SessionDriver) -> None:
+        self.sessions.pop(driver.session_id, None)
+
+
+_REJECT_REASONS = {
+    wire.REJECT_BAD_AUTH: "authentication failed",
+    wire.REJECT_UNKNOWN_SESSION: "unknown session",
+    wire.REJECT_TOO_MANY_SUBFLOWS: "too many subflows in this session",
+    wire.REJECT_TOO_MANY_SESSIONS: "too many sessions",
+    wire.REJECT_VERSION: "unsupported protocol version",
+}
+
+
+class ServerSubflow(SubflowProtocol):
+    """Server end of a subflow: challenge, verify the proof, join a session."""
+
+    def __init__(self, settings: ServerSettings, registry: SessionRegistry) -> None:
+        super().__init__(
+            settings.reactor,
+            settings.config.crc,
+            settings.handshake_timeout,
+            congestion=settings.congestion,
+        )
+        self.settings = settings
+        self.registry = registry
+        self.nonce = handshake.new_nonce()
+
+    def start_handshake(self) -> None:
+        self.write_frame(wire.encode_challenge(self.nonce, self.crc))
+
+    def handshake_frame(self, frame: wire.Frame) -> None:
+        if not isinstance(frame, wire.Auth):
+            raise wire.ProtocolError(f"expected AUTH, got {type(frame).__name__}")
+        if frame.version != wire.PROTOCOL_VERSION:
+            self.reject(wire.REJECT_VERSION)
+            return
+        psk = self.settings.keys.get(frame.key_id)
+        expected = handshake.client_proof(
+            psk or b"\0" * 32, self.nonce, frame.nonce, frame.session_id, frame.flags, frame.key_id
+        )
+        if not handshake.proofs_equal(expected, frame.mac) or psk is None:
+            self.log.warn(
+                "subflow {peer}: authentication failed (key id {key!r})",
+                peer=self.peer,
+                key=frame.key_id,
+            )
+            self.reject(wire.REJECT_BAD_AUTH)
+            return
+        driver, code = self.registry.attach(frame.key_id, frame.session_id, frame.flags)
+        if driver is None:
+            self.reject(code)
+            return
+        proof = handshake.server_proof(psk, self.nonce, frame.nonce, frame.session_id, code)
+        self.write_frame(wire.encode_welcome(wire.Welcome(code, proof), self.crc))
+        self.joined(driver)
+
+    def reject(self, code: int) -> None:
+        self.write_frame(wire.encode_reject(code, _REJECT_REASONS.get(code, ""), self.crc))
+        self._gone = True
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
+class SubflowFactory(Factory):
+    """Builds a :class:`ServerSubflow` per accepted connection."""
+
+    noisy = False
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.registry = SessionRegistry(settings)
+
+    def buildProtocol(self, addr: Any) -> ServerSubflow:
+        return ServerSubflow(self.settings, self.registry)

@@ -1,0 +1,57 @@
+"""``twistd stripe-server``: options and service construction."""
+
+from __future__ import annotations
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService
+from twisted.internet import reactor
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from stripeproxy.endpoints import server_endpoint
+from stripeproxy.options import SESSION_PARAMETERS, SessionOptions
+from stripeproxy.server import ServerSettings, SubflowFactory
+from stripeproxy.tls import load_server_tls
+
+
+class Options(SessionOptions):
+    synopsis = "[options]"
+    longdesc = (
+        "Accept authenticated subflows from stripe-client, reassemble each "
+        "stream and forward it to its target as one TCP connection."
+    )
+    optParameters = [
+        ["listen", "l", "0.0.0.0:8443", "Subflow listener: host:port or endpoint string."],
+        ["cert", None, None, "TLS certificate chain (PEM)."],
+        ["key", None, None, "TLS private key (PEM)."],
+        ["subflows", None, 16, "Most subflows one session may have.", int],
+        ["max-sessions", None, 256, "Most concurrent sessions.", int],
+        ["connect-timeout", None, 10.0, "Seconds to connect to a target.", float],
+        *SESSION_PARAMETERS,
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if not self["no-tls"] and not (self["cert"] and self["key"]):
+            raise usage.UsageError("--cert and --key are required unless --no-tls is given")
+        if self["subflows"] < 1 or self["max-sessions"] < 1:
+            raise usage.UsageError("--subflows and --max-sessions must be at least 1")
+
+
+def makeService(options: Options) -> IService:
+    settings = ServerSettings(
+        reactor=reactor,
+        keys={"": options["psk"]},
+        config=options.session_config(),
+        max_subflows=options["subflows"],
+        max_sessions=options["max-sessions"],
+        connect_timeout=options["connect-timeout"],
+        handshake_timeout=options["handshake-timeout"],
+        congestion=options["congestion"],
+    )
+    factory = SubflowFactory(settings)
+    if not options["no-tls"]:
+        factory = TLSMemoryBIOFactory(
+            load_server_tls(options["cert"], options["key"]), False, factory
+        )
+    return StreamServerEndpointService(server_endpoint(reactor, options["listen"]), factory)

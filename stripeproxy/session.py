@@ -1,0 +1,861 @@
+"""The overlay session core, sans-I/O (SPEC.md sections 4-7).
+
+A :class:`Session` owns every stream of one client<->server session and the
+bookkeeping that makes striping safe: per-direction byte offsets, send queues,
+the unacknowledged set, reorder buffers, credit, ACK generation and
+heartbeats.  It never touches a socket or the reactor: the adapter feeds it
+events (a frame arrived on subflow 3, subflow 2 went away, stream 7 has bytes
+from its local peer, the timer fired) and the core answers through the small
+:class:`SessionOwner` interface (write these bytes on subflow 1, deliver these
+bytes to stream 7, pause reading stream 7).  Time is read from an injected
+``IReactorTime`` so tests run on ``task.Clock``.
+
+Re-entrancy: owner callbacks may synchronously call back into the core (a
+transport write can pause a producer).  Those entry points only record state
+and ask for a "service" pass; :meth:`Session._service` never nests.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorTime
+
+from stripeproxy import control, wire
+from stripeproxy.control import CONTROL_STREAM
+from stripeproxy.scheduler import LeastQueuedScheduler, Scheduler
+from stripeproxy.wire import ProtocolError
+
+KiB = 1024
+MiB = 1024 * KiB
+
+CONTROL_WINDOW = 256 * KiB
+INITIAL_WINDOW = 256 * KiB
+RESET_GENERAL = 0x01
+
+
+@dataclass
+class SessionConfig:
+    """Tunables of one session; defaults are explained in SPEC.md section 8."""
+
+    chunk_size: int = 64 * KiB
+    stream_window: int = 4 * MiB
+    session_window: int = 32 * MiB
+    min_stream_window: int = 64 * KiB
+    send_buffer: int = 256 * KiB
+    ack_threshold: int = 128 * KiB
+    ack_delay: float = 0.002
+    heartbeat_interval: float = 5.0
+    dead_interval: float = 15.0
+    grace_period: float = 30.0
+    max_streams: int = 1024
+    crc: bool = False
+
+
+class SessionOwner(Protocol):
+    """How the core reaches the world; implemented by the Twisted adapter."""
+
+    def send(self, sid: int, pieces: Sequence[bytes]) -> None:
+        """Write these bytes, in order, on subflow ``sid``."""
+
+    def close_subflow(self, sid: int, reason: str) -> None:
+        """Drop subflow ``sid`` (protocol error, heartbeat silence)."""
+
+    def stream_open_requested(self, stream_id: int, host: str, port: int) -> None:
+        """Server only: connect stream ``stream_id`` to host:port."""
+
+    def stream_open_result(self, stream_id: int, code: int, host: str, port: int) -> None:
+        """Client only: the server answered an OPEN (code 0 means connected)."""
+
+    def stream_data(self, stream_id: int, data: bytes) -> None:
+        """In-order bytes for the local peer of ``stream_id``."""
+
+    def stream_eof(self, stream_id: int) -> None:
+        """The remote direction has ended: half-close the local peer's write side."""
+
+    def stream_reset(self, stream_id: int, code: int) -> None:
+        """The stream was aborted: abort the local peer."""
+
+    def stream_closed(self, stream_id: int) -> None:
+        """Both directions finished cleanly: close the local peer."""
+
+    def stream_pause(self, stream_id: int) -> None:
+        """Stop reading the local peer: its send buffer is full."""
+
+    def stream_resume(self, stream_id: int) -> None:
+        """Resume reading the local peer."""
+
+    def session_closed(self, reason: str) -> None:
+        """The session is over (grace period expired with no subflow)."""
+
+
+class _Chunk:
+    __slots__ = ("data", "offset", "sent_at", "sid")
+
+    def __init__(self, offset: int, data: bytes) -> None:
+        self.offset = offset
+        self.data = data
+        self.sid: int | None = None
+        self.sent_at = 0.0
+
+
+class _Subflow:
+    """Per-subflow state the core and the scheduler read."""
+
+    __slots__ = (
+        "inflight",
+        "last_rx",
+        "last_tx",
+        "rx_dummy",
+        "rx_real",
+        "sid",
+        "srtt",
+        "tx_dummy",
+        "tx_real",
+        "tx_retransmit",
+        "writable",
+    )
+
+    def __init__(self, sid: int, now: float) -> None:
+        self.sid = sid
+        self.writable = True
+        self.inflight = 0
+        self.srtt: float | None = None
+        self.last_rx = now
+        self.last_tx = now
+        self.tx_real = 0
+        self.tx_dummy = 0
+        self.rx_real = 0
+        self.rx_dummy = 0
+        self.tx_retransmit = 0
+
+
+class _Send:
+    """One direction we send: local bytes -> chunks -> subflows."""
+
+    __slots__ = (
+        "acked",
+        "fin_offset",
+        "limit",
+        "next_offset",
+        "queue",
+        "queued",
+        "read_total",
+        "retx",
+        "source_paused",
+        "unacked",
+    )
+
+    def __init__(self, limit: int) -> None:
+        self.queue: deque[bytes] = deque()
+        self.queued = 0
+        self.next_offset = 0  # offset of the first unsent byte
+        self.read_total = 0  # offset of the next byte the local peer gives us
+        self.limit = limit  # peer's credit: we may send offsets below this
+        self.acked = 0  # cumulative acknowledgement
+        self.unacked: dict[int, _Chunk] = {}  # by offset, in offset order
+        self.retx: deque[int] = deque()  # offsets to send again, oldest first
+        self.fin_offset: int | None = None
+        self.source_paused = False
+
+
+class _Recv:
+    """One direction we receive: chunks from subflows -> in-order bytes."""
+
+    __slots__ = (
+        "ack_due",
+        "advertised",
+        "buffer",
+        "buffered",
+        "eof_delivered",
+        "final",
+        "held",
+        "held_bytes",
+        "next_offset",
+        "sink_paused",
+    )
+
+    def __init__(self, window: int) -> None:
+        self.next_offset = 0  # every byte below this has arrived
+        self.buffer: dict[int, bytes] = {}  # out-of-order chunks by offset
+        self.buffered = 0
+        self.advertised = window  # the limit we last told the peer
+        self.final: int | None = None
+        self.sink_paused = False
+        self.ack_due = 0  # bytes received since our last ACK
+        self.held: list[bytes] = []  # in-order bytes waiting for the stream to open
+        self.held_bytes = 0
+        self.eof_delivered = False
+
+
+class _Stream:
+    __slots__ = ("ack_pending", "id", "is_open", "ready", "recv", "send")
+
+    def __init__(self, stream_id: int, send_limit: int, recv_window: int, is_open: bool) -> None:
+        self.id = stream_id
+        self.send = _Send(send_limit)
+        self.recv = _Recv(recv_window)
+        self.is_open = is_open
+        self.ready = False  # queued in Session._ready
+        self.ack_pending = False  # queued in Session._acks
+
+
+class Session:
+    """State of one overlay session; see the module docstring."""
+
+    def __init__(
+        self,
+        owner: SessionOwner,
+        clock: IReactorTime,
+        config: SessionConfig,
+        *,
+        is_client: bool,
+        scheduler: Scheduler | None = None,
+    ) -> None:
+        self._owner = owner
+        self._clock = clock
+        self.config = config
+        self.is_client = is_client
+        self._scheduler: Scheduler = scheduler or LeastQueuedScheduler()
+        self._subflows: dict[int, _Subflow] = {}
+        self._subflow_list: list[_Subflow] = []
+        self._streams: dict[int, _Stream] = {}
+        self._ready: deque[_Stream] = deque()
+        self._acks: list[_Stream] = []
+        self._ack_deadline: float | None = None
+        self._grace_deadline: float | None = clock.seconds() + config.grace_period
+        self._next_stream_id = 1  # client: next id to allocate
+        self._max_stream_id = 0  # server: highest id opened by the client
+        self._data_streams = 0
+        self._in_service = False
+        self._service_again = False
+        self._reack_all = False
+        self.closed = False
+        self.stats_retransmitted = 0
+        self.stats_subflows_lost = 0
+        self._control_decoder = control.ControlDecoder()
+        control_stream = _Stream(CONTROL_STREAM, CONTROL_WINDOW, CONTROL_WINDOW, True)
+        self._streams[CONTROL_STREAM] = control_stream
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def subflow_ids(self) -> list[int]:
+        return list(self._subflows)
+
+    def subflow(self, sid: int) -> _Subflow:
+        return self._subflows[sid]
+
+    @property
+    def stream_ids(self) -> list[int]:
+        return [s for s in self._streams if s != CONTROL_STREAM]
+
+    def has_stream(self, stream_id: int) -> bool:
+        return stream_id != CONTROL_STREAM and stream_id in self._streams
+
+    def buffered_bytes(self) -> int:
+        """Bytes held in reorder buffers plus unsent and unacknowledged send data."""
+        total = 0
+        for st in self._streams.values():
+            total += st.recv.buffered + st.send.queued
+            total += sum(len(c.data) for c in st.send.unacked.values())
+        return total
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`on_timer` must run next, or None if nothing is pending."""
+        deadlines: list[float] = []
+        if self._ack_deadline is not None:
+            deadlines.append(self._ack_deadline)
+        if self._grace_deadline is not None:
+            deadlines.append(self._grace_deadline)
+        cfg = self.config
+        for sf in self._subflow_list:
+            deadlines.append(
+                min(sf.last_tx + cfg.heartbeat_interval, sf.last_rx + cfg.dead_interval)
+            )
+        return min(deadlines) if deadlines else None
+
+    # ----------------------------------------------------------------- subflows
+
+    def add_subflow(self, sid: int) -> None:
+        """A subflow finished its handshake and joined this session."""
+        if self.closed or sid in self._subflows:
+            return
+        sf = _Subflow(sid, self._clock.seconds())
+        self._subflows[sid] = sf
+        self._subflow_list.append(sf)
+        self._grace_deadline = None
+        self._service()
+
+    def subflow_lost(self, sid: int) -> None:
+        """A subflow is gone: everything it carried unacknowledged goes again."""
+        sf = self._subflows.pop(sid, None)
+        if sf is None:
+            return
+        self._subflow_list.remove(sf)
+        self.stats_subflows_lost += 1
+        for st in self._streams.values():
+            send = st.send
+            for offset, chunk in send.unacked.items():
+                if chunk.sid == sid:
+                    chunk.sid = None
+                    send.retx.append(offset)
+            if send.retx:
+                self._mark_ready(st)
+        # ACKs sent on the lost subflow may be gone too; repeat them all.
+        self._reack_all = True
+        if not self._subflows and not self.closed:
+            self._grace_deadline = self._clock.seconds() + self.config.grace_period
+        self._service()
+
+    def subflow_writable(self, sid: int, writable: bool) -> None:
+        """The subflow's transport asked us to pause or resume producing."""
+        sf = self._subflows.get(sid)
+        if sf is None:
+            return
+        sf.writable = writable
+        if writable:
+            self._service()
+
+    def frames_received(self, sid: int, frames: Sequence[wire.Frame]) -> None:
+        """Handle a batch of frames read from subflow ``sid``."""
+        sf = self._subflows.get(sid)
+        if sf is None:
+            return
+        sf.last_rx = self._clock.seconds()
+        nested = self._in_service
+        self._in_service = True  # owner callbacks below must not start a send pass
+        try:
+            for frame in frames:
+                self._on_frame(sf, frame)
+        except ProtocolError as e:
+            self._in_service = nested
+            self._owner.close_subflow(sid, str(e))
+            self.subflow_lost(sid)
+            return
+        self._in_service = nested
+        if nested:
+            self._service_again = True
+        else:
+            self._service()
+
+    # ------------------------------------------------------------------ streams
+
+    def open_stream(self, host: str, port: int) -> int:
+        """Client: start a new stream to host:port; returns its id."""
+        if not self.is_client:
+            raise RuntimeError("only the client opens streams")
+        stream_id = self._next_stream_id
+        self._next_stream_id += 1
+        self._add_stream(stream_id, is_open=False)
+        self._send_control(control.Open(stream_id, host, port))
+        self._service()
+        return stream_id
+
+    def open_succeeded(self, stream_id: int, host: str, port: int) -> None:
+        """Server: the target for ``stream_id`` is connected (host:port bound)."""
+        st = self._streams.get(stream_id)
+        if st is None:
+            return
+        st.is_open = True
+        self._send_control(control.OpenOk(stream_id, host, port))
+        self._deliver_held(st)
+        self._service()
+
+    def open_failed(self, stream_id: int, code: int) -> None:
+        """Server: the target for ``stream_id`` could not be reached."""
+        if self._drop_stream(stream_id):
+            self._send_control(control.OpenFail(stream_id, code))
+            self._service()
+
+    def local_data(self, stream_id: int, data: bytes) -> None:
+        """Bytes read from the local peer of ``stream_id``, to be striped."""
+        st = self._streams.get(stream_id)
+        if st is None or not data:
+            return
+        send = st.send
+        if send.fin_offset is not None:
+            raise RuntimeError("data after local EOF")
+        self._enqueue(st, data)
+        if send.queued >= self.config.send_buffer and not send.source_paused:
+            send.source_paused = True
+            self._owner.stream_pause(stream_id)
+        self._service()
+
+    def local_eof(self, stream_id: int) -> None:
+        """The local peer half-closed: send FIN with the final offset."""
+        st = self._streams.get(stream_id)
+        if st is None or st.send.fin_offset is not None:
+            return
+        st.send.fin_offset = st.send.read_total
+        self._send_control(control.Fin(stream_id, st.send.read_total))
+        self._check_done(st)
+        self._service()
+
+    def local_reset(self, stream_id: int, code: int = RESET_GENERAL) -> None:
+        """The local peer aborted (or closed both ways early): abort the stream."""
+        if self._drop_stream(stream_id):
+            self._send_control(control.Rst(stream_id, code))
+            self._service()
+
+    def local_sink_paused(self, stream_id: int, paused: bool) -> None:
+        """The local peer's transport is full (True) or drained (False)."""
+        st = self._streams.get(stream_id)
+        if st is None:
+            return
+        st.recv.sink_paused = paused
+        if not paused:
+            self._maybe_window_update(st)
+            self._service()
+
+    # -------------------------------------------------------------------- timer
+
+    def on_timer(self) -> None:
+        """Run everything whose deadline has passed."""
+        now = self._clock.seconds()
+        if self._grace_deadline is not None and now >= self._grace_deadline:
+            self.close("no subflow for the grace period")
+            return
+        cfg = self.config
+        for sf in list(self._subflow_list):
+            if now - sf.last_rx >= cfg.dead_interval:
+                self._owner.close_subflow(sf.sid, f"silent for {cfg.dead_interval:g} s")
+                self.subflow_lost(sf.sid)
+            elif now - sf.last_tx >= cfg.heartbeat_interval:
+                self._emit(sf, [wire.encode_ping(int(now * 1e6), cfg.crc)], dummy=True)
+        if self._ack_deadline is not None and now >= self._ack_deadline:
+            self._flush_acks(force=True)
+        self._service()
+
+    def close(self, reason: str) -> None:
+        """End the session: reset every stream and tell the owner."""
+        if self.closed:
+            return
+        self.closed = True
+        self._grace_deadline = None
+        self._ack_deadline = None
+        for stream_id in self.stream_ids:
+            self._drop_stream(stream_id)
+            self._owner.stream_reset(stream_id, RESET_GENERAL)
+        for sid in list(self._subflows):
+            self._owner.close_subflow(sid, reason)
+        self._subflows.clear()
+        self._subflow_list.clear()
+        self._owner.session_closed(reason)
+
+    # ---------------------------------------------------------------- internals
+
+    def _add_stream(self, stream_id: int, is_open: bool) -> _Stream:
+        st = _Stream(stream_id, INITIAL_WINDOW, INITIAL_WINDOW, is_open)
+        self._streams[stream_id] = st
+        self._data_streams += 1
+        return st
+
+    def _drop_stream(self, stream_id: int) -> bool:
+        st = self._streams.pop(stream_id, None) if stream_id != CONTROL_STREAM else None
+        if st is None:
+            return False
+        self._data_streams -= 1
+        for chunk in st.send.unacked.values():
+            sf = self._subflows.get(chunk.sid) if chunk.sid is not None else None
+            if sf is not None:
+                sf.inflight -= len(chunk.data)
+        st.send.unacked.clear()
+        st.send.queue.clear()
+        st.send.retx.clear()
+        return True
+
+    def _is_closed_id(self, stream_id: int) -> bool:
+        limit = self._next_stream_id if self.is_client else self._max_stream_id + 1
+        return 0 < stream_id < limit
+
+    def _enqueue(self, st: _Stream, data: bytes) -> None:
+        send = st.send
+        queue = send.queue
+        # Coalesce small reads so a chatty peer does not cost a frame per byte.
+        if queue and len(queue[-1]) + len(data) <= self.config.chunk_size and len(data) < 4096:
+            queue[-1] += data
+        else:
+            queue.append(data)
+        send.queued += len(data)
+        send.read_total += len(data)
+        self._mark_ready(st)
+
+    def _send_control(self, message: control.Message) -> None:
+        self._enqueue(self._streams[CONTROL_STREAM], control.encode(message))
+
+    def _mark_ready(self, st: _Stream) -> None:
+        if not st.ready:
+            st.ready = True
+            if st.id == CONTROL_STREAM:
+                self._ready.appendleft(st)
+            else:
+                self._ready.append(st)
+
+    def _service(self) -> None:
+        """Send what can be sent; never nests (see module docstring)."""
+        if self._in_service:
+            self._service_again = True
+            return
+        self._in_service = True
+        try:
+            while True:
+                self._service_again = False
+                if self._reack_all and self._subflows:
+                    self._reack_all = False
+                    for st in self._streams.values():
+                        self._want_ack(st)
+                self._pump()
+                self._flush_acks(force=False)
+                if not self._service_again:
+                    break
+        finally:
+            self._in_service = False
+
+    def _pump(self) -> None:
+        ready = self._ready
+        pick = self._scheduler.pick
+        subflows = self._subflow_list
+        while ready:
+            sf = pick(subflows)
+            if sf is None:
+                return
+            st = ready[0]
+            chunk, is_retx = self._next_chunk(st)
+            if chunk is None:
+                ready.popleft()
+                st.ready = False
+                continue
+            if st.id != CONTROL_STREAM:
+                ready.rotate(-1)
+            self._transmit(sf, st, chunk, is_retx)  # type: ignore[arg-type]
+
+    def _next_chunk(self, st: _Stream) -> tuple[_Chunk | None, bool]:
+        send = st.send
+        while send.retx:
+            chunk = send.unacked.get(send.retx.popleft())
+            if chunk is not None and chunk.sid is None:
+                return chunk, True
+        if not send.queue or send.next_offset >= send.limit or not st.is_open:
+            return None, False
+        room = min(self.config.chunk_size, send.limit - send.next_offset)
+        head = send.queue[0]
+        if len(head) <= room:
+            data = send.queue.popleft()
+        else:
+            data = head[:room]
+            send.queue[0] = head[room:]
+        chunk = _Chunk(send.next_offset, data)
+        send.unacked[send.next_offset] = chunk
+        send.next_offset += len(data)
+        send.queued -= len(data)
+        if send.source_paused and send.queued <= self.config.send_buffer // 2:
+            send.source_paused = False
+            self._owner.stream_resume(st.id)
+        return chunk, False
+
+    def _transmit(self, sf: _Subflow, st: _Stream, chunk: _Chunk, is_retx: bool) -> None:
+        size = len(chunk.data)
+        chunk.sid = sf.sid
+        chunk.sent_at = self._clock.seconds()
+        sf.inflight += size
+        pieces = wire.encode_data(st.id, chunk.offset, chunk.data, self.config.crc)
+        overhead = sum(len(p) for p in pieces) - size
+        if is_retx:
+            sf.tx_retransmit += size
+            self.stats_retransmitted += size
+            self._emit(sf, pieces, dummy=True)
+        else:
+            sf.tx_real += size
+            sf.tx_dummy += overhead
+            sf.last_tx = chunk.sent_at
+            self._owner.send(sf.sid, pieces)
+
+    def _emit(self, sf: _Subflow, pieces: Sequence[bytes], dummy: bool) -> None:
+        if dummy:
+            sf.tx_dummy += sum(len(p) for p in pieces)
+        sf.last_tx = self._clock.seconds()
+        self._owner.send(sf.sid, pieces)
+
+    # ----- receiving
+
+    def _on_frame(self, sf: _Subflow, frame: wire.Frame) -> None:
+        if isinstance(frame, wire.Data):
+            size = len(frame.payload)
+            sf.rx_real += size
+            sf.rx_dummy += wire.HEADER_SIZE + 12 + (wire.CRC_SIZE if self.config.crc else 0)
+            self._on_data(frame)
+        elif isinstance(frame, wire.Ack):
+            sf.rx_dummy += wire.HEADER_SIZE + 21 + 16 * len(frame.ranges)
+            self._on_ack(frame)
+        elif isinstance(frame, wire.Ping):
+            sf.rx_dummy += wire.HEADER_SIZE + 8
+            self._emit(sf, [wire.encode_pong(frame.token, self.config.crc)], dummy=True)
+        elif isinstance(frame, wire.Pong):
+            sf.rx_dummy += wire.HEADER_SIZE + 8
+            rtt = self._clock.seconds() - frame.token / 1e6
+            if 0 <= rtt < 3600:
+                sf.srtt = rtt if sf.srtt is None else 0.875 * sf.srtt + 0.125 * rtt
+        elif isinstance(frame, wire.GoAway):
+            raise ProtocolError(f"peer is going away: {frame.reason}")
+        else:
+            raise ProtocolError(f"unexpected {type(frame).__name__} frame in an open session")
+
+    def _on_data(self, frame: wire.Data) -> None:
+        st = self._streams.get(frame.stream_id)
+        data = frame.payload
+        offset = frame.offset
+        end = offset + len(data)
+        if st is None:
+            if self._is_closed_id(frame.stream_id):
+                # Late copy for a finished stream: acknowledge so it is not sent again.
+                self._ack_closed(frame.stream_id, end)
+                return
+            raise ProtocolError(f"DATA for stream {frame.stream_id}, which was never opened")
+        recv = st.recv
+        if end > recv.advertised:
+            raise ProtocolError(f"stream {st.id}: DATA beyond the credit limit")
+        if recv.final is not None and end > recv.final:
+            raise ProtocolError(f"stream {st.id}: DATA beyond FIN")
+        recv.ack_due += len(data)
+        self._want_ack(st)
+        if end <= recv.next_offset or offset in recv.buffer:
+            return  # duplicate (a retransmission that crossed an ACK)
+        if offset > recv.next_offset:
+            recv.buffer[offset] = data
+            recv.buffered += len(data)
+            if recv.buffered > max(recv.advertised - recv.next_offset, 0):
+                raise ProtocolError(f"stream {st.id}: overlapping DATA")
+            return
+        if offset < recv.next_offset:
+            data = data[recv.next_offset - offset :]
+        pieces = [data]
+        recv.next_offset += len(data)
+        buffer = recv.buffer
+        while recv.next_offset in buffer:
+            nxt = buffer.pop(recv.next_offset)
+            recv.buffered -= len(nxt)
+            pieces.append(nxt)
+            recv.next_offset += len(nxt)
+        self._deliver(st, pieces)
+
+    def _deliver(self, st: _Stream, pieces: list[bytes]) -> None:
+        if st.id == CONTROL_STREAM:
+            # A control message can drop this very stream's peers; decode first.
+            for piece in pieces:
+                for message in self._control_decoder.feed(piece):
+                    self._on_control(message)
+            st.recv.advertised = st.recv.next_offset + CONTROL_WINDOW
+            return
+        if not st.is_open:
+            st.recv.held.extend(pieces)
+            st.recv.held_bytes += sum(len(p) for p in pieces)
+            return
+        for piece in pieces:
+            if st.id not in self._streams:
+                return  # the owner reset the stream while we were delivering
+            self._owner.stream_data(st.id, piece)
+        self._maybe_eof(st)
+
+    def _deliver_held(self, st: _Stream) -> None:
+        held = st.recv.held
+        st.recv.held = []
+        st.recv.held_bytes = 0
+        self._mark_ready(st)
+        if held:
+            self._deliver(st, held)
+        else:
+            self._maybe_eof(st)
+
+    def _maybe_eof(self, st: _Stream) -> None:
+        recv = st.recv
+        if (
+            st.is_open
+            and not recv.eof_delivered
+            and recv.final is not None
+            and recv.next_offset == recv.final
+            and st.id in self._streams
+        ):
+            recv.eof_delivered = True
+            self._owner.stream_eof(st.id)
+            self._check_done(st)
+
+    def _check_done(self, st: _Stream) -> None:
+        send = st.send
+        if (
+            st.recv.eof_delivered
+            and send.fin_offset is not None
+            and send.acked >= send.fin_offset
+            and self._drop_stream(st.id)
+        ):
+            self._owner.stream_closed(st.id)
+
+    def _on_control(self, message: control.Message) -> None:
+        if isinstance(message, control.Open):
+            if self.is_client:
+                raise ProtocolError("the server may not open streams")
+            if message.stream_id <= self._max_stream_id:
+                raise ProtocolError(f"OPEN for stream {message.stream_id} reuses an id")
+            self._max_stream_id = message.stream_id
+            if self._data_streams >= self.config.max_streams:
+                self._send_control(control.OpenFail(message.stream_id, RESET_GENERAL))
+                return
+            self._add_stream(message.stream_id, is_open=False)
+            self._owner.stream_open_requested(message.stream_id, message.host, message.port)
+            return
+        st = self._streams.get(message.stream_id)
+        if isinstance(message, control.OpenOk | control.OpenFail):
+            if not self.is_client:
+                raise ProtocolError("the client may not answer an OPEN")
+            if st is None:
+                return  # reset locally while the OPEN was in flight
+            if isinstance(message, control.OpenFail):
+                self._drop_stream(st.id)
+                self._owner.stream_open_result(st.id, message.code or RESET_GENERAL, "", 0)
+                return
+            st.is_open = True
+            self._owner.stream_open_result(st.id, 0, message.host, message.port)
+            if st.id in self._streams:
+                self._deliver_held(st)
+            return
+        if st is None:
+            if message.stream_id == CONTROL_STREAM or not self._is_closed_id(message.stream_id):
+                raise ProtocolError(f"control message for unknown stream {message.stream_id}")
+            return
+        if isinstance(message, control.Fin):
+            recv = st.recv
+            if recv.final is not None or message.final_offset < recv.next_offset:
+                raise ProtocolError(f"stream {st.id}: inconsistent FIN")
+            highest = max((o + len(d) for o, d in recv.buffer.items()), default=0)
+            if highest > message.final_offset:
+                raise ProtocolError(f"stream {st.id}: FIN below received data")
+            recv.final = message.final_offset
+            self._maybe_eof(st)
+        else:
+            self._drop_stream(st.id)
+            self._owner.stream_reset(st.id, message.code)
+
+    def _on_ack(self, ack: wire.Ack) -> None:
+        st = self._streams.get(ack.stream_id)
+        if st is None:
+            return  # stream already finished or reset
+        send = st.send
+        if ack.cumulative > send.next_offset or (
+            ack.ranges and ack.ranges[-1][1] > send.next_offset
+        ):
+            raise ProtocolError(f"stream {st.id}: ACK for data never sent")
+        unacked = send.unacked
+        subflows = self._subflows
+        if ack.cumulative > send.acked:
+            send.acked = ack.cumulative
+            while unacked:
+                offset = next(iter(unacked))
+                chunk = unacked[offset]
+                if offset + len(chunk.data) > ack.cumulative:
+                    break
+                del unacked[offset]
+                self._release(subflows, chunk)
+        for start, end in ack.ranges:
+            for offset in [o for o in unacked if start <= o and o + len(unacked[o].data) <= end]:
+                self._release(subflows, unacked.pop(offset))
+        if ack.limit > send.limit:
+            send.limit = ack.limit
+            if send.queue:
+                self._mark_ready(st)
+        if st.id != CONTROL_STREAM:
+            self._check_done(st)
+
+    @staticmethod
+    def _release(subflows: dict[int, _Subflow], chunk: _Chunk) -> None:
+        if chunk.sid is not None:
+            sf = subflows.get(chunk.sid)
+            if sf is not None:
+                sf.inflight -= len(chunk.data)
+
+    # ----- acknowledgements
+
+    def _window(self, st: _Stream) -> int:
+        if st.id == CONTROL_STREAM:
+            return CONTROL_WINDOW
+        cfg = self.config
+        share = cfg.session_window // max(self._data_streams, 1)
+        return max(cfg.min_stream_window, min(cfg.stream_window, share))
+
+    def _maybe_window_update(self, st: _Stream) -> None:
+        recv = st.recv
+        delivered = recv.next_offset - recv.held_bytes
+        if delivered + self._window(st) - recv.advertised >= self.config.ack_threshold:
+            recv.ack_due = max(recv.ack_due, self.config.ack_threshold)
+            self._want_ack(st)
+
+    def _want_ack(self, st: _Stream) -> None:
+        if not st.ack_pending:
+            st.ack_pending = True
+            self._acks.append(st)
+
+    def _flush_acks(self, force: bool) -> None:
+        if not self._acks:
+            self._ack_deadline = None
+            return
+        sf = self._ack_subflow()
+        if sf is None:
+            return
+        threshold = self.config.ack_threshold
+        keep: list[_Stream] = []
+        for st in self._acks:
+            recv = st.recv
+            if not force and recv.ack_due < threshold and not self._ack_urgent(st):
+                keep.append(st)
+                continue
+            st.ack_pending = False
+            if st.id != CONTROL_STREAM and self._streams.get(st.id) is not st:
+                continue
+            if not recv.sink_paused:
+                # Bytes held for a stream that is not open yet still occupy the window.
+                delivered = recv.next_offset - recv.held_bytes
+                recv.advertised = max(recv.advertised, delivered + self._window(st))
+            recv.ack_due = 0
+            ack = wire.Ack(st.id, recv.next_offset, recv.advertised, self._sack_ranges(recv))
+            self._emit(sf, [wire.encode_ack(ack, self.config.crc)], dummy=True)
+        self._acks = keep
+        if keep:
+            if self._ack_deadline is None:
+                self._ack_deadline = self._clock.seconds() + self.config.ack_delay
+        else:
+            self._ack_deadline = None
+
+    @staticmethod
+    def _ack_urgent(st: _Stream) -> bool:
+        """The stream's direction just completed: tell the sender at once."""
+        return st.recv.final is not None and st.recv.next_offset == st.recv.final
+
+    def _ack_subflow(self) -> _Subflow | None:
+        best: _Subflow | None = None
+        for sf in self._subflow_list:
+            if best is None or (sf.writable, -sf.inflight) > (best.writable, -best.inflight):
+                best = sf
+        return best
+
+    @staticmethod
+    def _sack_ranges(recv: _Recv) -> tuple[tuple[int, int], ...]:
+        if not recv.buffer:
+            return ()
+        ranges: list[tuple[int, int]] = []
+        for offset in sorted(recv.buffer):
+            end = offset + len(recv.buffer[offset])
+            if ranges and ranges[-1][1] == offset:
+                ranges[-1] = (ranges[-1][0], end)
+            elif len(ranges) < wire.MAX_SACK_RANGES:
+                ranges.append((offset, end))
+            else:
+                break
+        return tuple(ranges)
+
+    def _ack_closed(self, stream_id: int, end: int) -> None:
+        sf = self._ack_subflow()
+        if sf is not None:
+            ack = wire.Ack(stream_id, end, end)
+            self._emit(sf, [wire.encode_ack(ack, self.config.crc)], dummy=True)

@@ -1,0 +1,237 @@
+"""TLS configuration for the overlay's subflows.
+
+Every subflow between client and server is its own TLS connection, so both
+ends build their options once here and hand them to Twisted endpoints.  The
+client must always authenticate the server: either through a CA file (chain +
+hostname, via Twisted/service-identity) or by pinning the SHA-256 fingerprint
+of the server's certificate, which is what a self-signed install from
+``stripe-keygen`` uses.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import re
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from OpenSSL import SSL, crypto
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+__all__ = [
+    "certificate_fingerprint",
+    "client_tls_creator",
+    "format_fingerprint",
+    "load_server_tls",
+    "parse_fingerprint",
+]
+
+_log = Logger()
+
+_MINIMUM_TLS = TLSVersion.TLSv1_2
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_FINGERPRINT_PREFIX = "sha256:"
+
+
+def _read_certificates(path: str) -> list[x509.Certificate]:
+    """Every certificate in a PEM file, so a chain file works as well as a single cert."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: no usable PEM certificate ({e})") from e
+
+
+def _read_private_key(path: str) -> PrivateKeyTypes:
+    """The unencrypted PEM key; a daemon has nobody to type a passphrase."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise ValueError(f"{path}: not a usable unencrypted PEM private key ({e})") from e
+
+
+def load_server_tls(cert_path: str, key_path: str) -> IOpenSSLServerConnectionCreator:
+    """Server-side TLS options from PEM files (the cert file may hold a chain, leaf first).
+
+    The key is checked against the certificate here so that a mismatched pair
+    fails at startup instead of on the first incoming subflow.
+    """
+    chain = _read_certificates(cert_path)
+    key = _read_private_key(key_path)
+    if chain[0].public_key() != key.public_key():
+        raise ValueError(f"private key {key_path} does not match the certificate in {cert_path}")
+    return CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(chain[0]),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+        raiseMinimumTo=_MINIMUM_TLS,
+    )
+
+
+def _load_ca(ca_path: str) -> list[Certificate]:
+    """The certificates in ``ca_path``; they replace, not extend, the platform store."""
+    return [Certificate(crypto.X509.from_cryptography(c)) for c in _read_certificates(ca_path)]
+
+
+def _is_ip_literal(hostname: str) -> bool:
+    """IP literals are matched against IP SANs and must not be sent as SNI (RFC 6066)."""
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _PinnedServerCreator:
+    """Client TLS that accepts the server only if its leaf certificate matches a pin.
+
+    Pinning replaces chain validation (the usual server is self-signed), so
+    chain errors are tolerated unless CA certificates are also given, in which case
+    the chain and the hostname must pass as well.  Validity dates are not
+    checked in pin-only mode: the pin names one exact certificate.
+    """
+
+    def __init__(
+        self, hostname: str, pin: bytes, ca_certificates: list[Certificate] | None = None
+    ) -> None:
+        self._hostname = hostname
+        self._pin = pin
+        self._check_chain = ca_certificates is not None
+        self._is_ip = _is_ip_literal(hostname)
+        # CertificateOptions supplies Twisted's cipher list and TLS floor; with a
+        # CA it also loads the store whose chain verdict arrives as `ok`.
+        if ca_certificates is None:
+            self._options = CertificateOptions(raiseMinimumTo=_MINIMUM_TLS)
+        else:
+            self._options = CertificateOptions(
+                trustRoot=trustRootFromCertificates(ca_certificates), raiseMinimumTo=_MINIMUM_TLS
+            )
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        """A connection whose handshake fails unless the server presents the pinned cert."""
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        if not self._is_ip:
+            connection.set_tlsext_host_name(self._hostname.encode("idna"))
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        return connection
+
+    def _verify(
+        self, connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+    ) -> bool:
+        """OpenSSL verify callback; never raises, so a bug fails the handshake cleanly.
+
+        (pyOpenSSL would re-raise an exception later from inside the TLS
+        transport's read path rather than as a handshake failure.)
+        """
+        try:
+            if depth > 0:
+                return bool(ok) or not self._check_chain
+            leaf = cert.to_cryptography()
+            return self._pin_matches(leaf) and (
+                not self._check_chain or (bool(ok) and self._name_matches(leaf))
+            )
+        except Exception:
+            _log.failure("while verifying the server certificate")
+            return False
+
+    def _pin_matches(self, leaf: x509.Certificate) -> bool:
+        """Constant-time pin comparison, logging the presented value to ease debugging."""
+        presented = leaf.fingerprint(hashes.SHA256())
+        if hmac.compare_digest(presented, self._pin):
+            return True
+        _log.warn(
+            "server certificate fingerprint {presented} does not match pinned {pinned}",
+            presented=format_fingerprint(presented),
+            pinned=format_fingerprint(self._pin),
+        )
+        return False
+
+    def _name_matches(self, leaf: x509.Certificate) -> bool:
+        """The same service-identity check optionsForClientTLS applies."""
+        try:
+            if self._is_ip:
+                verify_certificate_ip_address(leaf, self._hostname)
+            else:
+                verify_certificate_hostname(leaf, self._hostname)
+        except (VerificationError, CertificateError) as e:
+            _log.warn(
+                "server certificate does not match {hostname}: {error}",
+                hostname=self._hostname,
+                error=e,
+            )
+            return False
+        return True
+
+
+def client_tls_creator(
+    hostname: str, ca_path: str | None = None, fingerprint: str | None = None
+) -> IOpenSSLClientConnectionCreator:
+    """Client-side TLS that always verifies the server.
+
+    ``ca_path`` verifies chain + hostname; ``fingerprint`` pins the server's
+    leaf certificate (hostname not checked); with both, both must pass.
+    """
+    pin = parse_fingerprint(fingerprint) if fingerprint is not None else None
+    if ca_path is None:
+        if pin is None:
+            raise ValueError(
+                "the client must verify the server: give a CA file or a certificate fingerprint"
+            )
+        return _PinnedServerCreator(hostname, pin)
+    ca_certificates = _load_ca(ca_path)
+    if pin is not None:
+        return _PinnedServerCreator(hostname, pin, ca_certificates)
+    return optionsForClientTLS(
+        hostname,
+        trustRoot=trustRootFromCertificates(ca_certificates),
+        extraCertificateOptions={"raiseMinimumTo": _MINIMUM_TLS},
+    )
+
+
+def parse_fingerprint(text: str) -> bytes:
+    """Raw SHA-256 digest from the forms people paste (``sha256:AB:CD:..``, ``AB:CD:..``, hex)."""
+    body = text.strip()
+    if body[: len(_FINGERPRINT_PREFIX)].lower() == _FINGERPRINT_PREFIX:
+        body = body[len(_FINGERPRINT_PREFIX) :]
+    body = body.replace(":", "")
+    if not _SHA256_HEX.fullmatch(body):
+        raise ValueError(
+            f"not a SHA-256 certificate fingerprint: {text!r} "
+            "(expected 64 hex digits, optionally colon-separated, optionally 'sha256:'-prefixed)"
+        )
+    return bytes.fromhex(body)
+
+
+def format_fingerprint(digest: bytes) -> str:
+    """Canonical ``sha256:AB:CD:..`` form, as printed by keygen and accepted by the client."""
+    return _FINGERPRINT_PREFIX + digest.hex(":").upper()
+
+
+def certificate_fingerprint(cert_path: str) -> str:
+    """Fingerprint of the first certificate in a PEM file (the leaf a client should pin)."""
+    return format_fingerprint(_read_certificates(cert_path)[0].fingerprint(hashes.SHA256()))
