@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -69,6 +70,27 @@ class Overlay:
     def _closed(self, driver: SessionDriver) -> None:
         if self.driver is driver:
             self.driver = None
+
+
+class OverlayService(Service):
+    """Ends the overlay's session when the client stops (SIGTERM, stopService).
+
+    ``ClientService`` stops a subflow with ``loseConnection()``, but a joined
+    subflow is registered as its transport's producer for life, and a TLS
+    transport defers its shutdown until the producer unregisters: stopping
+    the client would hang until the server dropped the subflows.  Closing the
+    session first resets open streams and aborts every subflow.  Add this
+    service after the ``ClientService``s so that it stops before them.
+    """
+
+    def __init__(self, overlay: Overlay) -> None:
+        self.overlay = overlay
+
+    def stopService(self) -> None:
+        super().stopService()
+        driver = self.overlay.driver
+        if driver is not None:
+            driver.session.close("the client is stopping")
 
 
 class ClientSubflow(SubflowProtocol):

@@ -8,7 +8,13 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.python import usage
 
-from stripeproxy.client import ClientSettings, Overlay, SocksFactory, SubflowFactory
+from stripeproxy.client import (
+    ClientSettings,
+    Overlay,
+    OverlayService,
+    SocksFactory,
+    SubflowFactory,
+)
 from stripeproxy.endpoints import (
     client_endpoint,
     is_endpoint_string,
@@ -91,4 +97,5 @@ def makeService(options: Options) -> IService:
         server_endpoint(reactor, options["listen"]), SocksFactory(overlay)
     )
     socks.setServiceParent(top)
+    OverlayService(overlay).setServiceParent(top)  # last added, first stopped
     return top

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -41,6 +42,7 @@ class _SinkProducer:
 class LocalStream(Protocol):
     """A TCP connection bound to one stream of a session once ``bind`` is called."""
 
+    log = Logger()  # SocksProtocol logs negotiation failures and open timeouts
     driver: SessionDriver | None = None
     stream_id = 0
     _finished = False  # the session no longer knows this stream
@@ -98,12 +100,26 @@ class LocalStream(Protocol):
     def half_close_local(self) -> None:
         self._write_closed = True
         assert self.transport is not None
+        self._stop_sink()
         self.transport.loseWriteConnection()
 
     def close_local(self) -> None:
         self._finished = True
         assert self.transport is not None
+        self._stop_sink()
         self.transport.loseConnection()
+
+    def _stop_sink(self) -> None:
+        """Nothing more will be written: unregister the sink producer first.
+
+        A transport whose streaming producer is paused when its buffer drains
+        resumes the producer instead of carrying out a pending
+        ``loseWriteConnection``/``loseConnection`` (see
+        ``abstract.FileDescriptor.doWrite``), so the peer would never see
+        the FIN.  Unregistering restarts the pending shutdown.
+        """
+        assert self.transport is not None
+        self.transport.unregisterProducer()
 
     def abort_local(self) -> None:
         self._finished = True

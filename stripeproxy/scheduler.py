@@ -17,6 +17,7 @@ class SubflowView(Protocol):
     writable: bool
     inflight: int
     srtt: float | None
+    suspect: bool
 
 
 class Scheduler(Protocol):
@@ -30,6 +31,8 @@ class LeastQueuedScheduler:
     Unacknowledged bytes are the best local proxy for "queued": a subflow
     whose path is slow acknowledges late, so it accumulates in-flight bytes
     and is picked less.  Ties rotate, so equal subflows share the load evenly.
+    A suspect subflow (one whose chunk timed out) only gets data when no
+    healthy subflow can take it.
     """
 
     def __init__(self) -> None:
@@ -40,10 +43,17 @@ class LeastQueuedScheduler:
         if n == 0:
             return None
         best: SubflowView | None = None
+        best_index = 0
         start = self._turn % n
         for i in range(n):
-            sf = subflows[(start + i) % n]
-            if sf.writable and (best is None or sf.inflight < best.inflight):
+            index = (start + i) % n
+            sf = subflows[index]
+            if sf.writable and (
+                best is None or (sf.suspect, sf.inflight) < (best.suspect, best.inflight)
+            ):
                 best = sf
-        self._turn += 1
+                best_index = index
+        # The next search starts just after the winner, not one past the last
+        # start: a tied subflow that follows a skipped one would win twice.
+        self._turn = best_index + 1
         return best

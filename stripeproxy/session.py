@@ -37,6 +37,10 @@ INITIAL_WINDOW = 256 * KiB
 RESET_GENERAL = 0x01
 
 
+class SessionError(ProtocolError):
+    """The peer broke the session itself (not one subflow): end the session."""
+
+
 @dataclass
 class SessionConfig:
     """Tunables of one session; defaults are explained in SPEC.md section 8."""
@@ -51,6 +55,9 @@ class SessionConfig:
     heartbeat_interval: float = 5.0
     dead_interval: float = 15.0
     grace_period: float = 30.0
+    min_rto: float = 0.2
+    initial_rto: float = 1.0
+    max_rto: float = 10.0
     max_streams: int = 1024
     crc: bool = False
 
@@ -93,13 +100,28 @@ class SessionOwner(Protocol):
 
 
 class _Chunk:
-    __slots__ = ("data", "offset", "sent_at", "sid")
+    __slots__ = (
+        "avoid",
+        "data",
+        "done",
+        "offset",
+        "reinjected",
+        "retries",
+        "sent_at",
+        "sid",
+        "stream",
+    )
 
-    def __init__(self, offset: int, data: bytes) -> None:
+    def __init__(self, stream: _Stream, offset: int, data: bytes) -> None:
+        self.stream = stream
         self.offset = offset
         self.data = data
-        self.sid: int | None = None
+        self.sid: int | None = None  # the subflow carrying it now (None: to be sent)
         self.sent_at = 0.0
+        self.done = False  # acknowledged
+        self.retries = 0  # retransmission timeouts so far (Karn: no RTT sample then)
+        self.reinjected = False
+        self.avoid: int | None = None  # the subflow it was taken away from
 
 
 class _Subflow:
@@ -109,10 +131,13 @@ class _Subflow:
         "inflight",
         "last_rx",
         "last_tx",
+        "rttvar",
         "rx_dummy",
         "rx_real",
+        "sent",
         "sid",
         "srtt",
+        "suspect",
         "tx_dummy",
         "tx_real",
         "tx_retransmit",
@@ -124,6 +149,11 @@ class _Subflow:
         self.writable = True
         self.inflight = 0
         self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.suspect = False  # a chunk timed out here; cleared by any sign of life
+        # (sent_at, chunk) in send order; entries go stale when the chunk is
+        # acknowledged or moves to another subflow, and are dropped lazily.
+        self.sent: deque[tuple[float, _Chunk]] = deque()
         self.last_rx = now
         self.last_tx = now
         self.tx_real = 0
@@ -235,7 +265,12 @@ class Session:
         self._reack_all = False
         self.closed = False
         self.stats_retransmitted = 0
+        self.stats_reinjected = 0
+        self.stats_timeouts = 0
         self.stats_subflows_lost = 0
+        # Streams whose head-of-line chunk may need re-injection, and when.
+        self._reinject_checks: dict[_Stream, float] = {}
+        self._retired = dict.fromkeys(("tx_real", "tx_dummy", "rx_real", "rx_dummy"), 0)
         self._control_decoder = control.ControlDecoder()
         control_stream = _Stream(CONTROL_STREAM, CONTROL_WINDOW, CONTROL_WINDOW, True)
         self._streams[CONTROL_STREAM] = control_stream
@@ -260,9 +295,28 @@ class Session:
         """Bytes held in reorder buffers plus unsent and unacknowledged send data."""
         total = 0
         for st in self._streams.values():
-            total += st.recv.buffered + st.send.queued
+            total += st.recv.buffered + st.recv.held_bytes + st.send.queued
             total += sum(len(c.data) for c in st.send.unacked.values())
         return total
+
+    def stream_progress(self, stream_id: int) -> tuple[int, int]:
+        """(bytes taken from the local peer, bytes received from the remote side)."""
+        st = self._streams[stream_id]
+        return st.send.read_total, st.recv.next_offset
+
+    def counters(self) -> dict[str, int]:
+        """Cumulative session counters, including those of subflows that are gone."""
+        totals = dict(self._retired)
+        for sf in self._subflow_list:
+            totals["tx_real"] += sf.tx_real
+            totals["tx_dummy"] += sf.tx_dummy
+            totals["rx_real"] += sf.rx_real
+            totals["rx_dummy"] += sf.rx_dummy
+        totals["retransmitted"] = self.stats_retransmitted
+        totals["reinjected"] = self.stats_reinjected
+        totals["timeouts"] = self.stats_timeouts
+        totals["subflows_lost"] = self.stats_subflows_lost
+        return totals
 
     def next_deadline(self) -> float | None:
         """When :meth:`on_timer` must run next, or None if nothing is pending."""
@@ -276,6 +330,10 @@ class Session:
             deadlines.append(
                 min(sf.last_tx + cfg.heartbeat_interval, sf.last_rx + cfg.dead_interval)
             )
+            expiry = self._rto_expiry(sf)
+            if expiry is not None:
+                deadlines.append(expiry)
+        deadlines.extend(self._reinject_checks.values())
         return min(deadlines) if deadlines else None
 
     # ----------------------------------------------------------------- subflows
@@ -297,16 +355,31 @@ class Session:
             return
         self._subflow_list.remove(sf)
         self.stats_subflows_lost += 1
+        for name in self._retired:
+            self._retired[name] += getattr(sf, name)
+        sf.sent.clear()
         for st in self._streams.values():
             send = st.send
             for offset, chunk in send.unacked.items():
                 if chunk.sid == sid:
                     chunk.sid = None
+                    chunk.avoid = None
+                    send.retx.append(offset)
+            if send.unacked and send.fin_offset is not None and send.next_offset == send.fin_offset:
+                # The peer may have received everything and finished the stream;
+                # then it cannot repeat a final ACK lost with this subflow.  Send
+                # the last chunk again: a finished peer acknowledges it up to the
+                # final offset (SPEC.md section 4), a live one just re-ACKs.
+                offset, chunk = next(reversed(send.unacked.items()))
+                if chunk.sid is not None:
+                    self._release(chunk)
                     send.retx.append(offset)
             if send.retx:
                 self._mark_ready(st)
         # ACKs sent on the lost subflow may be gone too; repeat them all.
         self._reack_all = True
+        if len(self._subflow_list) < 2:
+            self._reinject_checks.clear()  # nowhere else to re-inject to
         if not self._subflows and not self.closed:
             self._grace_deadline = self._clock.seconds() + self.config.grace_period
         self._service()
@@ -331,6 +404,10 @@ class Session:
         try:
             for frame in frames:
                 self._on_frame(sf, frame)
+        except SessionError as e:
+            self._in_service = nested
+            self.close(f"protocol error: {e}")
+            return
         except ProtocolError as e:
             self._in_service = nested
             self._owner.close_subflow(sid, str(e))
@@ -421,11 +498,21 @@ class Session:
             return
         cfg = self.config
         for sf in list(self._subflow_list):
-            if now - sf.last_rx >= cfg.dead_interval:
+            # Same sums as next_deadline(): "now - last >= interval" can be false
+            # at that deadline (float rounding), and the timer would spin.
+            if now >= sf.last_rx + cfg.dead_interval:
                 self._owner.close_subflow(sf.sid, f"silent for {cfg.dead_interval:g} s")
                 self.subflow_lost(sf.sid)
-            elif now - sf.last_tx >= cfg.heartbeat_interval:
+                continue
+            self._expire(sf, now)
+            if now >= sf.last_tx + cfg.heartbeat_interval:
                 self._emit(sf, [wire.encode_ping(int(now * 1e6), cfg.crc)], dummy=True)
+        for st, due in list(self._reinject_checks.items()):
+            if now >= due:
+                del self._reinject_checks[st]
+                unacked = st.send.unacked
+                if unacked and st.send.acked < st.send.next_offset and st.id in self._streams:
+                    self._maybe_reinject(st, unacked[next(iter(unacked))], now)
         if self._ack_deadline is not None and now >= self._ack_deadline:
             self._flush_acks(force=True)
         self._service()
@@ -437,6 +524,7 @@ class Session:
         self.closed = True
         self._grace_deadline = None
         self._ack_deadline = None
+        self._reinject_checks.clear()
         for stream_id in self.stream_ids:
             self._drop_stream(stream_id)
             self._owner.stream_reset(stream_id, RESET_GENERAL)
@@ -459,10 +547,10 @@ class Session:
         if st is None:
             return False
         self._data_streams -= 1
+        self._reinject_checks.pop(st, None)
         for chunk in st.send.unacked.values():
-            sf = self._subflows.get(chunk.sid) if chunk.sid is not None else None
-            if sf is not None:
-                sf.inflight -= len(chunk.data)
+            self._release(chunk)
+            chunk.done = True
         st.send.unacked.clear()
         st.send.queue.clear()
         st.send.retx.clear()
@@ -531,6 +619,10 @@ class Session:
                 continue
             if st.id != CONTROL_STREAM:
                 ready.rotate(-1)
+            if is_retx and chunk.avoid == sf.sid and len(subflows) > 1:
+                # Send it again somewhere else than where it got stuck, if we can.
+                other = pick([s for s in subflows if s.sid != chunk.avoid])
+                sf = other or sf
             self._transmit(sf, st, chunk, is_retx)  # type: ignore[arg-type]
 
     def _next_chunk(self, st: _Stream) -> tuple[_Chunk | None, bool]:
@@ -548,7 +640,7 @@ class Session:
         else:
             data = head[:room]
             send.queue[0] = head[room:]
-        chunk = _Chunk(send.next_offset, data)
+        chunk = _Chunk(st, send.next_offset, data)
         send.unacked[send.next_offset] = chunk
         send.next_offset += len(data)
         send.queued -= len(data)
@@ -562,6 +654,7 @@ class Session:
         chunk.sid = sf.sid
         chunk.sent_at = self._clock.seconds()
         sf.inflight += size
+        sf.sent.append((chunk.sent_at, chunk))
         pieces = wire.encode_data(st.id, chunk.offset, chunk.data, self.config.crc)
         overhead = sum(len(p) for p in pieces) - size
         if is_retx:
@@ -596,9 +689,10 @@ class Session:
             self._emit(sf, [wire.encode_pong(frame.token, self.config.crc)], dummy=True)
         elif isinstance(frame, wire.Pong):
             sf.rx_dummy += wire.HEADER_SIZE + 8
+            sf.suspect = False
             rtt = self._clock.seconds() - frame.token / 1e6
-            if 0 <= rtt < 3600:
-                sf.srtt = rtt if sf.srtt is None else 0.875 * sf.srtt + 0.125 * rtt
+            if rtt < 3600:
+                self._rtt_sample(sf, rtt)
         elif isinstance(frame, wire.GoAway):
             raise ProtocolError(f"peer is going away: {frame.reason}")
         else:
@@ -644,10 +738,16 @@ class Session:
 
     def _deliver(self, st: _Stream, pieces: list[bytes]) -> None:
         if st.id == CONTROL_STREAM:
-            # A control message can drop this very stream's peers; decode first.
-            for piece in pieces:
-                for message in self._control_decoder.feed(piece):
-                    self._on_control(message)
+            # Control bytes are consumed once accepted: a bad message leaves the
+            # decoder and the stream table in doubt, so the whole session ends.
+            try:
+                for piece in pieces:
+                    for message in self._control_decoder.feed(piece):
+                        self._on_control(message)
+            except SessionError:
+                raise
+            except ProtocolError as e:
+                raise SessionError(str(e)) from None
             st.recv.advertised = st.recv.next_offset + CONTROL_WINDOW
             return
         if not st.is_open:
@@ -667,6 +767,9 @@ class Session:
         self._mark_ready(st)
         if held:
             self._deliver(st, held)
+            # The held bytes filled the window the peer was given; now that they
+            # are delivered, say so, or a peer that sent a whole window waits forever.
+            self._maybe_window_update(st)
         else:
             self._maybe_eof(st)
 
@@ -748,7 +851,7 @@ class Session:
         ):
             raise ProtocolError(f"stream {st.id}: ACK for data never sent")
         unacked = send.unacked
-        subflows = self._subflows
+        now = self._clock.seconds()
         if ack.cumulative > send.acked:
             send.acked = ack.cumulative
             while unacked:
@@ -757,10 +860,12 @@ class Session:
                 if offset + len(chunk.data) > ack.cumulative:
                     break
                 del unacked[offset]
-                self._release(subflows, chunk)
+                self._acked(chunk, now)
         for start, end in ack.ranges:
             for offset in [o for o in unacked if start <= o and o + len(unacked[o].data) <= end]:
-                self._release(subflows, unacked.pop(offset))
+                self._acked(unacked.pop(offset), now)
+        if ack.ranges and unacked:
+            self._maybe_reinject(st, unacked[next(iter(unacked))], now)
         if ack.limit > send.limit:
             send.limit = ack.limit
             if send.queue:
@@ -768,12 +873,114 @@ class Session:
         if st.id != CONTROL_STREAM:
             self._check_done(st)
 
+    def _acked(self, chunk: _Chunk, now: float) -> None:
+        chunk.done = True
+        sf = self._subflows.get(chunk.sid) if chunk.sid is not None else None
+        if sf is None:
+            return
+        sf.inflight -= len(chunk.data)
+        sf.suspect = False
+        if chunk.retries == 0 and not chunk.reinjected:
+            self._rtt_sample(sf, now - chunk.sent_at)
+
+    def _release(self, chunk: _Chunk) -> None:
+        """Take an unacknowledged chunk off its subflow (to send it elsewhere, or drop it)."""
+        sf = self._subflows.get(chunk.sid) if chunk.sid is not None else None
+        if sf is not None:
+            sf.inflight -= len(chunk.data)
+        chunk.avoid = chunk.sid
+        chunk.sid = None
+
+    # ----- loss recovery (SPEC.md section 6)
+
     @staticmethod
-    def _release(subflows: dict[int, _Subflow], chunk: _Chunk) -> None:
-        if chunk.sid is not None:
-            sf = subflows.get(chunk.sid)
-            if sf is not None:
-                sf.inflight -= len(chunk.data)
+    def _rtt_sample(sf: _Subflow, rtt: float) -> None:
+        """RFC 6298 smoothing; samples come from ACKed chunks and PONGs."""
+        if rtt < 0:
+            return
+        if sf.srtt is None:
+            sf.srtt = rtt
+            sf.rttvar = rtt / 2
+        else:
+            sf.rttvar = 0.75 * sf.rttvar + 0.25 * abs(sf.srtt - rtt)
+            sf.srtt = 0.875 * sf.srtt + 0.125 * rtt
+
+    def _rto(self, sf: _Subflow) -> float:
+        cfg = self.config
+        if sf.srtt is None:
+            return cfg.initial_rto
+        rto = sf.srtt + 4 * sf.rttvar + cfg.ack_delay
+        return min(cfg.max_rto, max(cfg.min_rto, rto))
+
+    @staticmethod
+    def _oldest(sf: _Subflow) -> _Chunk | None:
+        """The oldest chunk still in flight on ``sf`` (stale entries dropped)."""
+        sent = sf.sent
+        while sent:
+            sent_at, chunk = sent[0]
+            if chunk.sid == sf.sid and chunk.sent_at == sent_at and not chunk.done:
+                return chunk
+            sent.popleft()
+        return None
+
+    def _rto_expiry(self, sf: _Subflow) -> float | None:
+        chunk = self._oldest(sf)
+        if chunk is None:
+            return None
+        return chunk.sent_at + min(self.config.max_rto, self._rto(sf) * 2**chunk.retries)
+
+    def _expire(self, sf: _Subflow, now: float) -> None:
+        """Chunks unacknowledged past the RTO go again on another subflow.
+
+        TCP does not lose data, so a timeout means the subflow is stalled (a
+        black hole, a dead path not yet detected) or far slower than its RTT
+        said; the subflow is marked suspect so the scheduler prefers others
+        until it shows a sign of life, and a PING probes it.
+        """
+        expired = False
+        while True:
+            expiry = self._rto_expiry(sf)
+            if expiry is None or now < expiry:
+                break
+            chunk = self._oldest(sf)
+            assert chunk is not None
+            sf.sent.popleft()
+            chunk.retries += 1
+            self.stats_timeouts += 1
+            self._release(chunk)
+            chunk.stream.send.retx.append(chunk.offset)
+            self._mark_ready(chunk.stream)
+            expired = True
+        if expired and not sf.suspect:
+            sf.suspect = True
+            self._emit(sf, [wire.encode_ping(int(now * 1e6), self.config.crc)], dummy=True)
+            # ACKs we sent there may be stuck too: repeat them elsewhere.
+            self._reack_all = True
+
+    def _maybe_reinject(self, st: _Stream, head: _Chunk, now: float) -> None:
+        """The receiver has data beyond a hole: if a slow subflow holds the hole,
+        send that chunk again on a faster one (at most once per chunk).
+
+        "Slow" means the chunk is older than twice the fastest other subflow's
+        RTT; if it is not yet, the check is repeated when it would be.
+        """
+        if head.reinjected or head.sid is None or len(self._subflow_list) < 2:
+            return
+        others = [
+            sf.srtt for sf in self._subflow_list if sf.sid != head.sid and sf.srtt is not None
+        ]
+        if not others:
+            return
+        due = head.sent_at + 2 * min(others) + self.config.ack_delay
+        if now < due:
+            self._reinject_checks[st] = due
+            return
+        self._reinject_checks.pop(st, None)
+        head.reinjected = True
+        self.stats_reinjected += len(head.data)
+        self._release(head)
+        st.send.retx.appendleft(head.offset)
+        self._mark_ready(st)
 
     # ----- acknowledgements
 
@@ -787,7 +994,10 @@ class Session:
     def _maybe_window_update(self, st: _Stream) -> None:
         recv = st.recv
         delivered = recv.next_offset - recv.held_bytes
-        if delivered + self._window(st) - recv.advertised >= self.config.ack_threshold:
+        window = self._window(st)
+        # A sender blocked on credit sees a growth of a whole window; windows
+        # smaller than ack_threshold (many streams) must still be announced.
+        if delivered + window - recv.advertised >= min(self.config.ack_threshold, window):
             recv.ack_due = max(recv.ack_due, self.config.ack_threshold)
             self._want_ack(st)
 
@@ -802,6 +1012,9 @@ class Session:
             return
         sf = self._ack_subflow()
         if sf is None:
+            # Nowhere to send: keep the ACKs queued for the next subflow, but no
+            # deadline, or the timer would fire at once, forever (grace period).
+            self._ack_deadline = None
             return
         threshold = self.config.ack_threshold
         keep: list[_Stream] = []
@@ -811,7 +1024,14 @@ class Session:
                 keep.append(st)
                 continue
             st.ack_pending = False
-            if st.id != CONTROL_STREAM and self._streams.get(st.id) is not st:
+            if (
+                st.id != CONTROL_STREAM
+                and self._streams.get(st.id) is not st
+                and not recv.eof_delivered
+            ):
+                # Reset: the peer drops the stream too.  A stream that finished
+                # because its last bytes just arrived still owes the peer the
+                # ACK for them, or the peer's side never finishes.
                 continue
             if not recv.sink_paused:
                 # Bytes held for a stream that is not open yet still occupy the window.
@@ -835,7 +1055,11 @@ class Session:
     def _ack_subflow(self) -> _Subflow | None:
         best: _Subflow | None = None
         for sf in self._subflow_list:
-            if best is None or (sf.writable, -sf.inflight) > (best.writable, -best.inflight):
+            if best is None or (not sf.suspect, sf.writable, -sf.inflight) > (
+                not best.suspect,
+                best.writable,
+                -best.inflight,
+            ):
                 best = sf
         return best
 

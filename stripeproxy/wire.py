@@ -183,7 +183,8 @@ def encode_challenge(nonce: bytes, crc: bool) -> bytes:
 
 
 def encode_auth(auth: Auth, crc: bool) -> bytes:
-    key_id = auth.key_id.encode()
+    # ASCII, as the decoder demands (SPEC.md section 2); UnicodeEncodeError is a ValueError.
+    key_id = auth.key_id.encode("ascii")
     if len(key_id) > 255:
         raise ValueError("key id longer than 255 bytes")
     body = (

@@ -1,0 +1,121 @@
+"""Loss recovery in the session core: timeouts, re-injection, re-ACK (SPEC.md section 6)."""
+
+from __future__ import annotations
+
+import random
+
+from stripeproxy import wire
+from stripeproxy.session import KiB, MiB, SessionConfig
+from stripeproxy.testing import C2S, CLIENT, SERVER, SessionPair
+
+
+def payload(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def run_until(pair: SessionPair, done: object, step: float = 0.05, limit: float = 12.0) -> None:
+    """Deliver and let time pass in small steps until ``done()`` (bounded)."""
+    start = pair.clock.seconds()
+    while not done():  # type: ignore[operator]
+        assert pair.clock.seconds() - start < limit, "did not finish in time"
+        pair.settle()
+        pair.advance(step)
+
+
+def test_black_holed_subflow_loses_nothing_and_is_avoided() -> None:
+    pair = SessionPair(k=3)
+    pair.hold(1)  # subflow 1 swallows everything from now on, no reset
+    stream_id = pair.open_stream()
+    run_until(pair, lambda: pair.client_owner.open_results)
+    up, down = payload(1, 2 * MiB), payload(2, 1 * MiB)
+    pair.write(CLIENT, stream_id, up, eof=True)
+    pair.write(SERVER, stream_id, down, eof=True)
+    run_until(
+        pair,
+        lambda: pair.client_owner.finished(stream_id) and pair.server_owner.finished(stream_id),
+    )
+    assert pair.server_owner.data(stream_id) == up
+    assert pair.client_owner.data(stream_id) == down
+    for session in (pair.client, pair.server):
+        assert session.stats_timeouts >= 1
+        assert session.counters()["timeouts"] == session.stats_timeouts
+    # Once suspect, the black hole got at most the chunks that first revealed it.
+    held = sum(len(f.payload) for f in pair.in_flight(1, C2S) if hasattr(f, "payload"))
+    assert held <= 256 * KiB
+    assert pair.client.subflow(1).suspect
+    pair.kill_subflow(1)
+    pair.settle()
+    pair.assert_idle()
+    pair.shutdown()
+    assert pair.clock.getDelayedCalls() == []
+
+
+def test_hole_held_by_a_slow_subflow_is_reinjected_once() -> None:
+    pair = SessionPair(k=2, config=SessionConfig(ack_delay=0.002))
+    stream_id = pair.open_stream()
+    run_until(pair, lambda: pair.client_owner.open_results, step=0.01)
+    # Warm up: both subflows carry acknowledged chunks, so RTTs are known.
+    warm = payload(3, 512 * KiB)
+    pair.write(CLIENT, stream_id, warm)
+    pair.settle()
+    pair.advance(0.01)
+    pair.settle()
+    assert all(pair.client.subflow(s).srtt is not None for s in (1, 2))
+    pair.hold(1, C2S)  # subflow 1 becomes very slow client -> server
+    rest = payload(4, 2 * MiB)
+    pair.write(CLIENT, stream_id, rest, eof=True)
+    for _ in range(60):  # 0.3 s: long enough for a timeout to catch the tail too
+        pair.settle()
+        pair.advance(0.005)
+    assert pair.client.stats_reinjected > 0
+    assert pair.client.stats_reinjected % (64 * KiB) == 0
+    # Everything arrived over subflow 2 while subflow 1 still holds its copies.
+    assert pair.server_owner.data(stream_id) == warm + rest
+    assert any(pair.in_flight(1, C2S))
+    reinjected = pair.client.stats_reinjected
+    pair.release(1, C2S)  # the late copies arrive and are dropped as duplicates
+    pair.write(SERVER, stream_id, b"", eof=True)
+    pair.settle()
+    assert pair.server_owner.data(stream_id) == warm + rest
+    assert pair.client.stats_reinjected == reinjected
+    pair.assert_idle()
+    pair.shutdown()
+    assert pair.clock.getDelayedCalls() == []
+
+
+def test_rto_follows_measured_rtt() -> None:
+    config = SessionConfig(min_rto=0.2, initial_rto=1.0, ack_delay=0.002)
+    pair = SessionPair(k=1, config=config)
+    stream_id = pair.open_stream()
+    sent_at = pair.clock.seconds()
+    # Before any sample the first chunk (the OPEN) times out after initial_rto.
+    assert pair.client.next_deadline() == sent_at + 1.0
+    pair.advance(0.1)
+    pair.settle()
+    srtt = pair.client.subflow(1).srtt
+    assert srtt is not None and 0.1 <= srtt <= 0.11
+    pair.write(CLIENT, stream_id, b"x" * 1000)
+    now = pair.clock.seconds()
+    sf = pair.client.subflow(1)
+    expected = max(0.2, sf.srtt + 4 * sf.rttvar + 0.002)  # type: ignore[operator]
+    assert abs(pair.client.next_deadline() - (now + expected)) < 1e-9  # type: ignore[operator]
+    pair.write(CLIENT, stream_id, b"", eof=True)
+    pair.write(SERVER, stream_id, b"", eof=True)
+    pair.settle()
+    pair.assert_idle()
+    pair.shutdown()
+
+
+def test_protocol_error_in_the_control_stream_ends_the_session() -> None:
+    pair = SessionPair(k=2)
+    stream_id = pair.open_stream()
+    pair.settle()
+    # A control message of unknown type 0x7f at the next control offset.
+    offset = pair.server.stream_progress(0)[1]  # control bytes received so far
+    pair.inject(1, C2S, [wire.Data(0, offset, b"\x7f\x00\x00")])
+    pair.deliver_all()
+    assert (
+        pair.server_owner.session_closes and "protocol error" in pair.server_owner.session_closes[0]
+    )
+    assert (stream_id, 1) in [(s, c) for s, c in pair.server_owner.resets]
+    pair.client.close("test over")

@@ -1,0 +1,101 @@
+"""Tests for the subflow scheduling policy."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from stripeproxy.scheduler import LeastQueuedScheduler
+
+
+@dataclass
+class View:
+    sid: int
+    writable: bool = True
+    inflight: int = 0
+    srtt: float | None = None
+    suspect: bool = False
+
+
+def picks(scheduler: LeastQueuedScheduler, views: list[View], n: int) -> list[int | None]:
+    out: list[int | None] = []
+    for _ in range(n):
+        chosen = scheduler.pick(views)
+        out.append(None if chosen is None else chosen.sid)
+    return out
+
+
+def test_least_queued_subflow_wins_whatever_the_turn() -> None:
+    views = [View(1, inflight=300), View(2, inflight=100), View(3, inflight=200)]
+    assert picks(LeastQueuedScheduler(), views, 6) == [2] * 6
+
+
+def test_choice_follows_inflight_as_it_changes() -> None:
+    scheduler = LeastQueuedScheduler()
+    views = [View(1), View(2), View(3)]
+    chosen: list[int] = []
+    for _ in range(9):
+        sf = scheduler.pick(views)
+        assert sf is not None
+        chosen.append(sf.sid)
+        views[sf.sid - 1].inflight += 10 * sf.sid  # subflow 3 fills fastest
+    # Always the least loaded; ties (20/20/30 and 40/40/60) go to the next in turn.
+    assert chosen == [1, 2, 3, 1, 2, 1, 3, 1, 2]
+    assert Counter(chosen) == {1: 4, 2: 3, 3: 2}
+    assert [v.inflight for v in views] == [40, 60, 60]
+
+
+def test_unwritable_subflows_are_skipped_even_if_empty() -> None:
+    views = [View(1, writable=False), View(2, inflight=500), View(3, inflight=400)]
+    assert picks(LeastQueuedScheduler(), views, 3) == [3, 3, 3]
+
+
+def test_nothing_writable_or_no_subflow_gives_none() -> None:
+    scheduler = LeastQueuedScheduler()
+    assert scheduler.pick([View(1, writable=False), View(2, writable=False)]) is None
+    assert scheduler.pick([]) is None
+
+
+def test_writability_change_is_seen_on_the_next_pick() -> None:
+    scheduler = LeastQueuedScheduler()
+    views = [View(1), View(2, inflight=50)]
+    assert picks(scheduler, views, 2) == [1, 1]
+    views[0].writable = False
+    assert picks(scheduler, views, 2) == [2, 2]
+    views[0].writable = True
+    assert picks(scheduler, views, 1) == [1]
+
+
+def test_ties_rotate() -> None:
+    views = [View(1, inflight=7), View(2, inflight=7), View(3, inflight=7)]
+    assert picks(LeastQueuedScheduler(), views, 7) == [1, 2, 3, 1, 2, 3, 1]
+
+
+def test_ties_rotate_evenly_around_an_unwritable_subflow() -> None:
+    views = [View(1), View(2, writable=False), View(3)]
+    assert picks(LeastQueuedScheduler(), views, 6) == [1, 3, 1, 3, 1, 3]
+
+
+def test_ties_rotate_evenly_around_a_loaded_subflow() -> None:
+    views = [View(1), View(2, inflight=100), View(3), View(4)]
+    chosen = picks(LeastQueuedScheduler(), views, 9)
+    assert chosen == [1, 3, 4, 1, 3, 4, 1, 3, 4]
+
+
+def test_rotation_survives_a_shrinking_list() -> None:
+    scheduler = LeastQueuedScheduler()
+    views = [View(1), View(2), View(3)]
+    assert picks(scheduler, views, 2) == [1, 2]
+    del views[2]
+    assert picks(scheduler, views, 3) == [1, 2, 1]
+
+
+def test_suspect_subflow_only_when_no_healthy_one_can_take_data() -> None:
+    scheduler = LeastQueuedScheduler()
+    views = [View(1, suspect=True), View(2, inflight=500_000), View(3, writable=False)]
+    assert picks(scheduler, views, 3) == [2, 2, 2]
+    views[1].writable = False
+    assert picks(scheduler, views, 2) == [1, 1]
+    views[0].suspect = False
+    views[1].writable = True
+    assert picks(scheduler, views, 1) == [1]
