@@ -120,3 +120,8 @@ def decode_address(buf: bytes | memoryview, offset: int = 0) -> tuple[str, int, 
         except UnicodeDecodeError:
             raise AddressError(f"domain name is not ASCII: {raw!r}") from None
     return host, port, end + _PORT_LEN
+
+
+def format_host_port(host: str, port: int) -> str:
+    """``host:port`` for people, with IPv6 literals in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

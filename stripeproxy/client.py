@@ -11,6 +11,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from stripeproxy import handshake, socks5, wire
+from stripeproxy.address import format_host_port
 from stripeproxy.driver import SessionDriver
 from stripeproxy.local import LocalStream
 from stripeproxy.session import SessionConfig
@@ -56,6 +57,7 @@ class Overlay:
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
         self.driver: ClientSessionDriver | None = None
+        self.joins = 0  # subflows the server accepted, over the client's life
 
     def current(self) -> ClientSessionDriver:
         if self.driver is None or self.driver.session.closed:
@@ -153,6 +155,7 @@ class ClientSubflow(SubflowProtocol):
         if target.established and frame.flags & wire.WELCOME_CREATED:
             raise wire.ProtocolError("server created a session we asked to join")
         target.established = True
+        self.overlay.joins += 1
         self.joined(target)
 
 
@@ -203,7 +206,8 @@ class SocksProtocol(LocalStream):
         assert self.transport is not None
         self.transport.pauseProducing()  # nothing to forward until the server answers
         driver = self.overlay.current()
-        self.bind(driver, driver.session.open_stream(request.host, request.port))
+        stream_id = driver.session.open_stream(request.host, request.port)
+        self.bind(driver, stream_id, format_host_port(request.host, request.port))
         driver.rearm()
         clock = self.overlay.settings.reactor
         self._open_timer = clock.callLater(self.overlay.settings.open_timeout, self._open_timeout)

@@ -21,12 +21,13 @@ from stripeproxy.endpoints import (
     parse_host_port,
     server_endpoint,
 )
-from stripeproxy.options import SESSION_PARAMETERS, SessionOptions
+from stripeproxy.options import SESSION_PARAMETERS, SessionOptions, add_observability
 from stripeproxy.tls import client_tls_creator
 
 
 class Options(SessionOptions):
     synopsis = "[options]"
+    role = "client"
     longdesc = (
         "Run a local SOCKS5 proxy whose streams are striped across K "
         "prewarmed subflows to a stripe-server."
@@ -97,5 +98,14 @@ def makeService(options: Options) -> IService:
         server_endpoint(reactor, options["listen"]), SocksFactory(overlay)
     )
     socks.setServiceParent(top)
+    k = options["subflows"]
+    add_observability(
+        top,
+        options,
+        reactor,
+        reactor,
+        lambda: [overlay.driver] if overlay.driver is not None else [],
+        lambda: max(0, overlay.joins - k),
+    )
     OverlayService(overlay).setServiceParent(top)  # last added, first stopped
     return top

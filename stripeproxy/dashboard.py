@@ -8,6 +8,7 @@ shows recent log lines in a panel, so logging never tears the screen.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from typing import Any
 
@@ -125,7 +126,8 @@ class Dashboard(Service):
 
     def __init__(self, monitor: Monitor, console: Console | None = None) -> None:
         self.monitor = monitor
-        self.console = console or Console()
+        # twistd points sys.stdout at its log; the dashboard wants the terminal.
+        self.console = console or Console(file=sys.__stdout__)
         self.tail = LogTail()
         self._live: Live | None = None
 

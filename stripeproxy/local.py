@@ -49,9 +49,14 @@ class LocalStream(Protocol):
     _read_eof = False  # the local peer half-closed
     _write_closed = False  # we half-closed towards the local peer
 
-    def bind(self, driver: SessionDriver, stream_id: int) -> None:
+    target = ""  # host:port the stream goes to, for the dashboard and logs
+    opened_at = 0.0
+
+    def bind(self, driver: SessionDriver, stream_id: int, target: str) -> None:
         self.driver = driver
         self.stream_id = stream_id
+        self.target = target
+        self.opened_at = driver.clock.seconds()
         driver.register_stream(stream_id, self)
         assert self.transport is not None
         self.transport.registerProducer(_SinkProducer(self), True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
@@ -70,7 +71,7 @@ class Snapshot:
         return len(self.streams)
 
 
-class Monitor:
+class Monitor(Service):
     """Samples sessions on a period and keeps the latest :class:`Snapshot`."""
 
     def __init__(
@@ -95,10 +96,12 @@ class Monitor:
         self.listeners: list[Callable[[Snapshot], None]] = []
         self.latest = Snapshot(role, clock.seconds(), window, 0)
 
-    def start(self) -> None:
+    def startService(self) -> None:
+        super().startService()
         self._loop.start(self.period, now=True)
 
-    def stop(self) -> None:
+    def stopService(self) -> None:
+        super().stopService()
         if self._loop.running:
             self._loop.stop()
 

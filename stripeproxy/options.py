@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterable
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceCollection
+from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
 
+from stripeproxy.driver import SessionDriver
+from stripeproxy.endpoints import server_endpoint
 from stripeproxy.keygen import load_psk
 from stripeproxy.session import SessionConfig
 
@@ -14,13 +22,19 @@ SESSION_PARAMETERS = [
     ["grace", None, 30.0, "Seconds a session outlives its last subflow.", float],
     ["handshake-timeout", None, 10.0, "Seconds a new subflow has to authenticate.", float],
     ["congestion", None, None, "TCP congestion control for subflows (e.g. cubic, bbr)."],
+    ["metrics", None, None, "Serve Prometheus metrics on host:port (path /metrics)."],
 ]
 
 
 class SessionOptions(usage.Options):
     """Base for both sides: key, timers, TLS switch."""
 
-    optFlags = [["no-tls", None, "Plaintext subflows with a CRC32C on every frame (lab use)."]]
+    optFlags = [
+        ["no-tls", None, "Plaintext subflows with a CRC32C on every frame (lab use)."],
+        ["tui", None, "Show the live dashboard (default: when stdout is a terminal)."],
+        ["no-tui", None, "Never show the live dashboard."],
+    ]
+    role = ""
 
     def postOptions(self) -> None:
         if not self["psk-file"]:
@@ -34,6 +48,26 @@ class SessionOptions(usage.Options):
                 raise usage.UsageError(f"--{name} must be positive")
         if self["dead-interval"] <= self["heartbeat"]:
             raise usage.UsageError("--dead-interval must be longer than --heartbeat")
+        self._resolve_tui()
+
+    def _resolve_tui(self) -> None:
+        """Decide whether the dashboard runs, and keep log lines off its screen.
+
+        Under twistd, ``self.parent`` holds twistd's own options: a daemon has
+        no terminal, and a foreground process that would log to stdout logs to
+        ``stripe-ROLE.log`` instead while the dashboard owns the screen (the
+        dashboard shows the latest lines in a panel).
+        """
+        parent = getattr(self, "parent", None)
+        daemon = parent is not None and not parent.get("nodaemon", True)
+        if self["no-tui"]:
+            self["tui"] = False
+        elif not self["tui"]:
+            self["tui"] = sys.stdout.isatty() and not daemon
+        if self["tui"] and daemon:
+            raise usage.UsageError("--tui needs a terminal: run twistd with -n")
+        if self["tui"] and parent is not None and parent.get("logfile") in (None, "", "-"):
+            parent["logfile"] = f"stripe-{self.role}.log"
 
     def session_config(self) -> SessionConfig:
         return SessionConfig(
@@ -42,3 +76,32 @@ class SessionOptions(usage.Options):
             grace_period=self["grace"],
             crc=bool(self["no-tls"]),
         )
+
+
+def add_observability(
+    top: IServiceCollection,
+    options: SessionOptions,
+    clock: IReactorTime,
+    reactor: object,
+    sessions: Callable[[], Iterable[SessionDriver]],
+    redials: Callable[[], int] = lambda: 0,
+) -> None:
+    """Start the monitor, the dashboard and the metrics listener as asked.
+
+    Nothing is sampled when neither is on, so the data path pays nothing.
+    """
+    if not (options["tui"] or options["metrics"]):
+        return
+    from stripeproxy.observe import Monitor
+
+    monitor = Monitor(options.role, clock, sessions, redials)
+    monitor.setServiceParent(top)
+    if options["metrics"]:
+        from stripeproxy.metrics import metrics_site
+
+        endpoint = server_endpoint(reactor, options["metrics"])
+        StreamServerEndpointService(endpoint, metrics_site(monitor)).setServiceParent(top)
+    if options["tui"]:
+        from stripeproxy.dashboard import Dashboard
+
+        Dashboard(monitor).setServiceParent(top)

@@ -12,6 +12,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from stripeproxy import handshake, socks5, wire
+from stripeproxy.address import format_host_port
 from stripeproxy.driver import SessionDriver
 from stripeproxy.local import LocalStream
 from stripeproxy.session import SessionConfig
@@ -83,15 +84,21 @@ class ServerSessionDriver(SessionDriver):
         )
         d = endpoint.connect(_TARGET_FACTORY)
         self._pending[stream_id] = d
-        d.addCallbacks(self._connected, self._failed, (stream_id,), None, (stream_id,))
+        d.addCallbacks(
+            self._connected,
+            self._failed,
+            (stream_id, format_host_port(host, port)),
+            None,
+            (stream_id,),
+        )
 
-    def _connected(self, target: TargetProtocol, stream_id: int) -> None:
+    def _connected(self, target: TargetProtocol, stream_id: int, name: str) -> None:
         self._pending.pop(stream_id, None)
         assert target.transport is not None
         if not self.session.has_stream(stream_id):
             target.transport.abortConnection()
             return
-        target.bind(self, stream_id)
+        target.bind(self, stream_id, name)
         bound = target.transport.getHost()
         self.session.open_succeeded(
             stream_id, getattr(bound, "host", ""), getattr(bound, "port", 0)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from stripeproxy.endpoints import server_endpoint
-from stripeproxy.options import SESSION_PARAMETERS, SessionOptions
+from stripeproxy.options import SESSION_PARAMETERS, SessionOptions, add_observability
 from stripeproxy.server import ServerSettings, SubflowFactory
 from stripeproxy.tls import load_server_tls
 
 
 class Options(SessionOptions):
     synopsis = "[options]"
+    role = "server"
     longdesc = (
         "Accept authenticated subflows from stripe-client, reassemble each "
         "stream and forward it to its target as one TCP connection."
@@ -49,9 +50,17 @@ def makeService(options: Options) -> IService:
         handshake_timeout=options["handshake-timeout"],
         congestion=options["congestion"],
     )
-    factory = SubflowFactory(settings)
+    subflows = SubflowFactory(settings)
+    factory: SubflowFactory | TLSMemoryBIOFactory = subflows
     if not options["no-tls"]:
         factory = TLSMemoryBIOFactory(
-            load_server_tls(options["cert"], options["key"]), False, factory
+            load_server_tls(options["cert"], options["key"]), False, subflows
         )
-    return StreamServerEndpointService(server_endpoint(reactor, options["listen"]), factory)
+    top = MultiService()
+    StreamServerEndpointService(
+        server_endpoint(reactor, options["listen"]), factory
+    ).setServiceParent(top)
+    add_observability(
+        top, options, reactor, reactor, lambda: list(subflows.registry.sessions.values())
+    )
+    return top

@@ -657,9 +657,11 @@ class Session:
         sf.sent.append((chunk.sent_at, chunk))
         pieces = wire.encode_data(st.id, chunk.offset, chunk.data, self.config.crc)
         overhead = sum(len(p) for p in pieces) - size
-        if is_retx:
-            sf.tx_retransmit += size
-            self.stats_retransmitted += size
+        if is_retx or st.id == CONTROL_STREAM:
+            # Control messages and second copies are overhead, not payload.
+            if is_retx:
+                sf.tx_retransmit += size
+                self.stats_retransmitted += size
             self._emit(sf, pieces, dummy=True)
         else:
             sf.tx_real += size
@@ -677,9 +679,12 @@ class Session:
 
     def _on_frame(self, sf: _Subflow, frame: wire.Frame) -> None:
         if isinstance(frame, wire.Data):
-            size = len(frame.payload)
-            sf.rx_real += size
-            sf.rx_dummy += wire.HEADER_SIZE + 12 + (wire.CRC_SIZE if self.config.crc else 0)
+            overhead = wire.HEADER_SIZE + 12 + (wire.CRC_SIZE if self.config.crc else 0)
+            if frame.stream_id == CONTROL_STREAM:
+                sf.rx_dummy += len(frame.payload) + overhead
+            else:
+                sf.rx_real += len(frame.payload)
+                sf.rx_dummy += overhead
             self._on_data(frame)
         elif isinstance(frame, wire.Ack):
             sf.rx_dummy += wire.HEADER_SIZE + 21 + 16 * len(frame.ranges)

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stripeproxy import client_tap, server_tap
-from stripeproxy.client import ClientSessionDriver, Overlay
+from stripeproxy.client import ClientSessionDriver, Overlay, SocksFactory
 from stripeproxy.keygen import generate_self_signed, write_psk
 from stripeproxy.server import ServerSessionDriver, SessionRegistry
 from stripeproxy.server import SubflowFactory as ServerSubflowFactory
@@ -302,12 +302,14 @@ async def start_server(
 ) -> Server:
     options = server_tap.Options()
     options.parseOptions(server_argv(keys, tls, extra, listen))
-    service = server_tap.makeService(options)
+    top = server_tap.makeService(options)
+    assert isinstance(top, MultiService)
+    service = next(iter(top))  # the subflow listener comes first
     assert isinstance(service, StreamServerEndpointService)
     factory = getattr(service.factory, "wrappedFactory", service.factory)  # TLS wraps it
     assert isinstance(factory, ServerSubflowFactory)
-    service.startService()
-    server = Server(service, factory, 0)
+    top.startService()
+    server = Server(top, factory, 0)
     cleanup.add(server.stop, "stop server")
     server.port = (await listening_port(service)).getHost().port
     return server
@@ -326,7 +328,11 @@ async def start_client(
     options.parseOptions(client_argv(keys, server_port, tls, k, extra, psk))
     service = client_tap.makeService(options)
     assert isinstance(service, MultiService)
-    socks = [s for s in service if isinstance(s, StreamServerEndpointService)]
+    socks = [
+        s
+        for s in service
+        if isinstance(s, StreamServerEndpointService) and isinstance(s.factory, SocksFactory)
+    ]
     assert len(socks) == 1
     overlay = socks[0].factory.overlay
     assert isinstance(overlay, Overlay)

@@ -1071,10 +1071,12 @@ def test_payload_byte_counters() -> None:
     pair.settle()
     tx_real = sum(pair.client.subflow(s).tx_real for s in pair.client.subflow_ids)
     rx_real = sum(pair.server.subflow(s).rx_real for s in pair.server.subflow_ids)
-    # Payload of every first-time DATA frame, stream 0 (OPEN 22 + FIN 15) included.
+    # Only stream payload is "real"; stream 0 (OPEN 22 + FIN 15) is overhead.
     control_bytes = sum(len(f.payload) for fs in data_frames(pair, CLIENT, 0).values() for f in fs)
     assert control_bytes == 22 + 15
-    assert tx_real == rx_real == 1000 + control_bytes
+    assert tx_real == rx_real == 1000
+    tx_dummy = sum(pair.client.subflow(s).tx_dummy for s in pair.client.subflow_ids)
+    assert tx_dummy > control_bytes
     finish(pair)
 
 
