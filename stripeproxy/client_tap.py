@@ -43,7 +43,8 @@ class Options(SessionOptions):
         ["socks-password", None, None, "Password for --socks-user."],
         ["connect-timeout", None, 10.0, "Seconds to connect one subflow.", float],
         ["open-timeout", None, 30.0, "Seconds to wait for the server to open a stream.", float],
-        ["retry-max", None, 30.0, "Longest wait between re-dials of a subflow.", float],
+        ["key-id", None, None, "Which key of --psk-file to use (needed if it names several)."],
+        ["retry-max", None, 10.0, "Longest wait between re-dials of a subflow.", float],
         *SESSION_PARAMETERS,
     ]
 
@@ -51,6 +52,16 @@ class Options(SessionOptions):
         super().postOptions()
         if self["subflows"] < 1:
             raise usage.UsageError("--subflows must be at least 1")
+        keys = self["keys"]
+        if self["key-id"] is not None and list(keys) == [""]:
+            # A file with one bare key: --key-id names it (the server's NAME for it).
+            self["keys"] = keys = {self["key-id"]: keys[""]}
+        if self["key-id"] is None:
+            if len(keys) != 1:
+                raise usage.UsageError("--psk-file names several keys: choose one with --key-id")
+            self["key-id"] = next(iter(keys))
+        elif self["key-id"] not in keys:
+            raise usage.UsageError(f"--key-id {self['key-id']!r} is not in --psk-file")
         if bool(self["socks-user"]) != bool(self["socks-password"]):
             raise usage.UsageError("--socks-user and --socks-password go together")
         if not self["no-tls"]:
@@ -70,7 +81,8 @@ def makeService(options: Options) -> IService:
         credentials = (options["socks-user"].encode(), options["socks-password"].encode())
     settings = ClientSettings(
         reactor=reactor,
-        psk=options["psk"],
+        psk=options["keys"][options["key-id"]],
+        key_id=options["key-id"],
         config=options.session_config(),
         socks_credentials=credentials,
         open_timeout=options["open-timeout"],
@@ -92,7 +104,7 @@ def makeService(options: Options) -> IService:
         ClientService(
             endpoint,
             factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=options["retry-max"]),
+            retryPolicy=backoffPolicy(initialDelay=0.5, factor=2.0, maxDelay=options["retry-max"]),
         ).setServiceParent(top)
     socks = StreamServerEndpointService(
         server_endpoint(reactor, options["listen"]), SocksFactory(overlay)

@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from stripeproxy.tls import certificate_fingerprint
 
-__all__ = ["generate_self_signed", "load_psk", "main", "write_psk"]
+__all__ = ["generate_self_signed", "load_keys", "main", "write_psk"]
 
 CERT_FILE = "server.crt"
 KEY_FILE = "server.key"
@@ -105,19 +105,44 @@ def write_psk(path: str) -> bytes:
     return psk
 
 
-def load_psk(path: str) -> bytes:
-    """Read a pre-shared key file written by :func:`write_psk` (or by hand) as raw bytes."""
-    with open(path, encoding="ascii", errors="replace") as f:
-        text = f.read().strip()
+def _parse_key(text: str, where: str) -> bytes:
     if not _HEX_BYTES.fullmatch(text):
-        raise ValueError(f"{path}: the pre-shared key must be hex digits (an even number of them)")
+        raise ValueError(f"{where}: the pre-shared key must be hex digits (an even number of them)")
     psk = bytes.fromhex(text)
     if len(psk) < MIN_PSK_BYTES:
         raise ValueError(
-            f"{path}: the pre-shared key is {len(psk)} bytes; at least {MIN_PSK_BYTES} "
+            f"{where}: the pre-shared key is {len(psk)} bytes; at least {MIN_PSK_BYTES} "
             f"({2 * MIN_PSK_BYTES} hex digits) are required"
         )
     return psk
+
+
+_KEY_ID = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+
+
+def load_keys(path: str) -> dict[str, bytes]:
+    """Read a key file: one hex key alone (its key id is ""), or named keys.
+
+    Named keys are one per line, ``NAME HEX``, with ``#`` comments, so one
+    client's key can be revoked by deleting its line without touching the
+    others.
+    """
+    with open(path, encoding="ascii", errors="replace") as f:
+        lines = [line.split("#", 1)[0].strip() for line in f]
+    entries = [(n, line) for n, line in enumerate(lines, 1) if line]
+    if len(entries) == 1 and len(entries[0][1].split()) == 1:
+        return {"": _parse_key(entries[0][1], path)}
+    keys: dict[str, bytes] = {}
+    for n, line in entries:
+        parts = line.split()
+        if len(parts) != 2 or not _KEY_ID.fullmatch(parts[0]):
+            raise ValueError(f"{path}:{n}: expected 'NAME HEX' (NAME: letters, digits, ._@-)")
+        if parts[0] in keys:
+            raise ValueError(f"{path}:{n}: key {parts[0]!r} appears twice")
+        keys[parts[0]] = _parse_key(parts[1], f"{path}:{n}")
+    if not keys:
+        raise ValueError(f"{path}: no key in the file")
+    return keys
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -12,11 +12,11 @@ from twisted.python import usage
 
 from stripeproxy.driver import SessionDriver
 from stripeproxy.endpoints import server_endpoint
-from stripeproxy.keygen import load_psk
+from stripeproxy.keygen import load_keys
 from stripeproxy.session import SessionConfig
 
 SESSION_PARAMETERS = [
-    ["psk-file", None, None, "Pre-shared key file (hex, as written by stripe-keygen)."],
+    ["psk-file", None, None, "Pre-shared key file: one hex key, or 'NAME HEX' lines."],
     ["heartbeat", None, 5.0, "Seconds between PINGs on an idle subflow.", float],
     ["dead-interval", None, 15.0, "Seconds of silence after which a subflow is dropped.", float],
     ["grace", None, 30.0, "Seconds a session outlives its last subflow.", float],
@@ -40,7 +40,7 @@ class SessionOptions(usage.Options):
         if not self["psk-file"]:
             raise usage.UsageError("--psk-file is required (create one with stripe-keygen)")
         try:
-            self["psk"] = load_psk(self["psk-file"])
+            self["keys"] = load_keys(self["psk-file"])
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot read --psk-file: {e}") from None
         for name in ("heartbeat", "dead-interval", "grace", "handshake-timeout"):

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IAddress, IHostResolution, IResolutionReceiver
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from stripeproxy import handshake, socks5, wire
 from stripeproxy.address import format_host_port
 from stripeproxy.driver import SessionDriver
+from stripeproxy.guard import AuthGuard
 from stripeproxy.local import LocalStream
+from stripeproxy.policy import TargetPolicy
 from stripeproxy.session import SessionConfig
 from stripeproxy.subflow import SubflowProtocol
 
@@ -31,11 +36,50 @@ class ServerSettings:
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0
     congestion: str | None = None
+    policy: TargetPolicy = field(default_factory=TargetPolicy)
+    auth_failure_limit: int = 10
+    auth_failure_window: float = 60.0
+
+
+@implementer(IResolutionReceiver)
+class _Addresses:
+    """Collects every address a name resolves to (Twisted's resolver API)."""
+
+    def __init__(self) -> None:
+        self.result: defer.Deferred[list[str]] = defer.Deferred()
+        self.hosts: list[str] = []
+
+    def resolutionBegan(self, resolution: IHostResolution) -> None:
+        """Nothing to do until addresses arrive."""
+
+    def addressResolved(self, address: IAddress) -> None:
+        self.hosts.append(address.host)  # type: ignore[attr-defined]
+
+    def resolutionComplete(self) -> None:
+        if not self.result.called:
+            self.result.callback(self.hosts)
+
+
+def resolve(reactor: Any, host: str, port: int) -> defer.Deferred[list[str]]:
+    """Every address of ``host`` (an IP literal resolves to itself)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        receiver = _Addresses()
+        reactor.nameResolver.resolveHostName(receiver, host, port)
+        return receiver.result
+    return defer.succeed([host])
+
+
+class TargetDenied(Exception):
+    """The target policy forbids every address of the requested target."""
 
 
 def reply_code_for(failure: Failure) -> int:
     """Map a failed target connection to the SOCKS5 reply the client will see."""
     exc = failure.value
+    if isinstance(exc, TargetDenied):
+        return socks5.REPLY_NOT_ALLOWED
     if isinstance(exc, error.ConnectionRefusedError):
         return socks5.REPLY_CONNECTION_REFUSED
     if isinstance(exc, error.DNSLookupError):
@@ -79,18 +123,31 @@ class ServerSessionDriver(SessionDriver):
             host=host,
             port=port,
         )
+        name = format_host_port(host, port)
+        if self.settings.policy.unrestricted:
+            d = self._dial(host, port)
+        else:
+            # Check the addresses the name resolves to, then dial the checked one.
+            d = resolve(self.settings.reactor, host, port)
+            d.addCallback(self._permitted, stream_id, name, port)
+        self._pending[stream_id] = d
+        d.addCallbacks(self._connected, self._failed, (stream_id, name), None, (stream_id,))
+
+    def _dial(self, host: str, port: int) -> defer.Deferred[TargetProtocol]:
         endpoint = HostnameEndpoint(
             self.settings.reactor, host, port, timeout=self.settings.connect_timeout
         )
-        d = endpoint.connect(_TARGET_FACTORY)
-        self._pending[stream_id] = d
-        d.addCallbacks(
-            self._connected,
-            self._failed,
-            (stream_id, format_host_port(host, port)),
-            None,
-            (stream_id,),
-        )
+        return endpoint.connect(_TARGET_FACTORY)
+
+    def _permitted(
+        self, addresses: list[str], stream_id: int, name: str, port: int
+    ) -> defer.Deferred[TargetProtocol]:
+        if not addresses:
+            raise error.DNSLookupError(name)
+        allowed = [a for a in addresses if self.settings.policy.permits(a, port)]
+        if not allowed:
+            raise TargetDenied(f"{name} ({', '.join(addresses)}) is not allowed by the policy")
+        return self._dial(allowed[0], port)
 
     def _connected(self, target: TargetProtocol, stream_id: int, name: str) -> None:
         self._pending.pop(stream_id, None)
@@ -131,6 +188,9 @@ class SessionRegistry:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.sessions: dict[bytes, ServerSessionDriver] = {}
+        self.guard = AuthGuard(
+            settings.reactor, settings.auth_failure_limit, settings.auth_failure_window
+        )
 
     def attach(
         self, key_id: str, session_id: bytes, flags: int
@@ -178,7 +238,17 @@ class ServerSubflow(SubflowProtocol):
         self.nonce = handshake.new_nonce()
 
     def start_handshake(self) -> None:
+        if self.registry.guard.blocked(self.peer_host):
+            self._gone = True
+            assert self.transport is not None
+            self.transport.abortConnection()  # too many failures: not even a challenge
+            return
         self.write_frame(wire.encode_challenge(self.nonce, self.crc))
+
+    @property
+    def peer_host(self) -> str:
+        assert self.transport is not None
+        return str(getattr(self.transport.getPeer(), "host", ""))
 
     def handshake_frame(self, frame: wire.Frame) -> None:
         if not isinstance(frame, wire.Auth):
@@ -191,11 +261,19 @@ class ServerSubflow(SubflowProtocol):
             psk or b"\0" * 32, self.nonce, frame.nonce, frame.session_id, frame.flags, frame.key_id
         )
         if not handshake.proofs_equal(expected, frame.mac) or psk is None:
-            self.log.warn(
-                "subflow {peer}: authentication failed (key id {key!r})",
-                peer=self.peer,
-                key=frame.key_id,
-            )
+            guard = self.registry.guard
+            count = guard.failed(self.peer_host)
+            if count <= guard.limit:
+                self.log.warn(
+                    "subflow {peer}: authentication failed (key id {key!r}); "
+                    "{count} of {limit} allowed in {window:g} s{more}",
+                    peer=self.peer,
+                    key=frame.key_id,
+                    count=count,
+                    limit=guard.limit,
+                    window=guard.window,
+                    more="; refusing this address for now" if count == guard.limit else "",
+                )
             self.reject(wire.REJECT_BAD_AUTH)
             return
         driver, code = self.registry.attach(frame.key_id, frame.session_id, frame.flags)

@@ -10,6 +10,7 @@ from twisted.python import usage
 
 from stripeproxy.endpoints import server_endpoint
 from stripeproxy.options import SESSION_PARAMETERS, SessionOptions, add_observability
+from stripeproxy.policy import Rule, TargetPolicy, parse_rule
 from stripeproxy.server import ServerSettings, SubflowFactory
 from stripeproxy.tls import load_server_tls
 
@@ -28,8 +29,30 @@ class Options(SessionOptions):
         ["subflows", None, 16, "Most subflows one session may have.", int],
         ["max-sessions", None, 256, "Most concurrent sessions.", int],
         ["connect-timeout", None, 10.0, "Seconds to connect to a target.", float],
+        ["auth-failures", None, 10, "Failed logins from one address before it is refused.", int],
+        ["auth-window", None, 60.0, "Seconds over which --auth-failures are counted.", float],
         *SESSION_PARAMETERS,
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allow"] = []
+        self["deny"] = []
+
+    def opt_allow(self, rule: str) -> None:
+        """Allow targets in CIDR[:PORTS] (repeatable; then only allowed targets are dialled)."""
+        self["allow"].append(self._rule(rule))
+
+    def opt_deny(self, rule: str) -> None:
+        """Deny targets in CIDR[:PORTS] (repeatable; deny wins over allow)."""
+        self["deny"].append(self._rule(rule))
+
+    @staticmethod
+    def _rule(text: str) -> Rule:
+        try:
+            return parse_rule(text)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
     def postOptions(self) -> None:
         super().postOptions()
@@ -42,13 +65,16 @@ class Options(SessionOptions):
 def makeService(options: Options) -> IService:
     settings = ServerSettings(
         reactor=reactor,
-        keys={"": options["psk"]},
+        keys=options["keys"],
         config=options.session_config(),
         max_subflows=options["subflows"],
         max_sessions=options["max-sessions"],
         connect_timeout=options["connect-timeout"],
         handshake_timeout=options["handshake-timeout"],
         congestion=options["congestion"],
+        policy=TargetPolicy(allow=options["allow"], deny=options["deny"]),
+        auth_failure_limit=options["auth-failures"],
+        auth_failure_window=options["auth-window"],
     )
     subflows = SubflowFactory(settings)
     factory: SubflowFactory | TLSMemoryBIOFactory = subflows

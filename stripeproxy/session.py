@@ -870,7 +870,11 @@ class Session:
             for offset in [o for o in unacked if start <= o and o + len(unacked[o].data) <= end]:
                 self._acked(unacked.pop(offset), now)
         if ack.ranges and unacked:
-            self._maybe_reinject(st, unacked[next(iter(unacked))], now)
+            # Only a hole that holds back a real share of the window is worth a
+            # second copy; a chunk merely a few ms late on a busy subflow is not.
+            beyond = sum(end - start for start, end in ack.ranges)
+            if 4 * beyond >= send.limit - send.acked:
+                self._maybe_reinject(st, unacked[next(iter(unacked))], now)
         if ack.limit > send.limit:
             send.limit = ack.limit
             if send.queue:
@@ -963,8 +967,9 @@ class Session:
             self._reack_all = True
 
     def _maybe_reinject(self, st: _Stream, head: _Chunk, now: float) -> None:
-        """The receiver has data beyond a hole: if a slow subflow holds the hole,
-        send that chunk again on a faster one (at most once per chunk).
+        """The receiver holds a quarter of the window beyond a hole: if a slow
+        subflow holds the hole, send that chunk again on a faster one (at most
+        once per chunk).
 
         "Slow" means the chunk is older than twice the fastest other subflow's
         RTT; if it is not yet, the check is repeated when it would be.

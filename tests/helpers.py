@@ -641,3 +641,19 @@ def random_file(path: Path, size: int, seed: int = 7) -> str:
 
 def throughput(size: int, seconds: float) -> str:
     return f"{size / MiB:.0f} MiB in {seconds:.2f} s = {size / MiB / max(seconds, 1e-9):.1f} MiB/s"
+
+
+# ------------------------------------------------------------ fault relay
+
+
+async def start_relay(cleanup: Cleanup, host: str, port: int) -> tuple[Any, int]:
+    """A :class:`stripeproxy.faults.FaultRelay` towards host:port on a loopback port.
+
+    Returns ``(relay, relay_port)``; cleanup stops listening and resets every link.
+    """
+    from stripeproxy.faults import FaultRelay
+
+    relay = FaultRelay(reactor, host, port)
+    listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(relay)
+    cleanup.add(lambda: relay.close(listening), "stop fault relay")
+    return relay, listening.getHost().port

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from stripeproxy.keygen import generate_self_signed, load_psk, main, write_psk
+from stripeproxy.keygen import generate_self_signed, load_keys, main, write_psk
 from stripeproxy.tls import certificate_fingerprint, load_server_tls
 
 NAMES = ("server.crt", "server.key", "psk.key")
@@ -49,7 +49,7 @@ def test_creates_everything_with_private_modes(
         f"created: {directory / 'psk.key'}",
         f"server certificate fingerprint: {certificate_fingerprint(str(directory / 'server.crt'))}",
     ]
-    assert len(load_psk(str(directory / "psk.key"))) == 32
+    assert len(load_keys(str(directory / "psk.key"))[""]) == 32
     psk_text = (directory / "psk.key").read_text()
     assert len(psk_text) == 65
     assert psk_text.endswith("\n")
@@ -153,43 +153,69 @@ def test_psk_round_trip(tmp_path: Path) -> None:
     path = str(tmp_path / "psk.key")
     psk = write_psk(path)
     assert len(psk) == 32
-    assert load_psk(path) == psk
+    assert load_keys(path) == {"": psk}
     assert _mode(tmp_path / "psk.key") == 0o600
     assert write_psk(path) != psk  # overwrites with a fresh key
 
 
-def test_load_psk_tolerates_whitespace_and_case(tmp_path: Path) -> None:
+def test_load_keys_tolerates_whitespace_and_case(tmp_path: Path) -> None:
     path = tmp_path / "psk.key"
     path.write_text("\n  " + "AbCd" * 8 + "  \n\n")
-    assert load_psk(str(path)) == bytes.fromhex("abcd" * 8)
+    assert load_keys(str(path)) == {"": bytes.fromhex("abcd" * 8)}
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("", "hex"),
+        ("", "no key"),
         ("ab" * 15 + "\n", "at least 16"),  # 15 bytes: too short
         ("abc" * 11, "hex"),  # odd number of digits
         ("zz" * 32, "hex"),
-        ("ab" * 8 + " " + "ab" * 8, "hex"),
+        ("ab" * 8 + " " + "ab" * 8, "at least 16"),  # read as NAME HEX
         ("0x" + "ab" * 32, "hex"),
         ("é" * 64, "hex"),
     ],
 )
-def test_load_psk_rejects(tmp_path: Path, content: str, message: str) -> None:
+def test_load_keys_rejects(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "bad-psk.key"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=message) as info:
-        load_psk(str(path))
+        load_keys(str(path))
     assert str(path) in str(info.value)
 
 
-def test_load_psk_missing_file(tmp_path: Path) -> None:
+def test_load_keys_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        load_psk(str(tmp_path / "absent.key"))
+        load_keys(str(tmp_path / "absent.key"))
 
 
 def test_rejects_nonpositive_days(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["--dir", str(tmp_path), "--days", "0"])
     assert os.listdir(tmp_path) == []
+
+
+def test_named_keys(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(
+        "# one line per client\n"
+        "alice " + "aa" * 32 + "\n\n"
+        "bob   " + "bb" * 16 + "  # revoke by deleting this line\n"
+    )
+    assert load_keys(str(path)) == {"alice": b"\xaa" * 32, "bob": b"\xbb" * 16}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("alice " + "aa" * 32 + "\nalice " + "bb" * 32, "twice"),
+        ("alice " + "aa" * 32 + "\nbob", "NAME HEX"),
+        ("al ice " + "aa" * 32, "NAME HEX"),
+        ("alice " + "aa" * 8 + "\nbob " + "bb" * 32, "at least 16"),
+    ],
+)
+def test_named_keys_reject(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "keys"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_keys(str(path))

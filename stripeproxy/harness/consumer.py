@@ -18,7 +18,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -48,6 +48,9 @@ from zope.interface import implementer
 from stripeproxy.endpoints import parse_host_port
 from stripeproxy.harness import _cli
 from stripeproxy.harness.socks5_client import SOCKS5ClientEndpoint, SOCKS5Error
+
+if TYPE_CHECKING:
+    from stripeproxy.harness.dashboard import ConsumerView, LiveDashboard
 
 __all__ = [
     "DEFAULT_PAYLOAD_SIZE",
@@ -478,6 +481,7 @@ class ConsumerOptions(_cli.HarnessOptions):
     ]
 
     def postOptions(self) -> None:
+        super().postOptions()
         url = urlsplit(self["target"])
         if url.scheme not in ("http", "https") or not url.hostname:
             raise usage.UsageError(f"--target must be an http:// or https:// URL: {url.geturl()}")
@@ -501,7 +505,7 @@ def _emit(line: str) -> None:
     sys.stdout.flush()
 
 
-async def _consume(reactor: Any, options: ConsumerOptions) -> int:
+async def _consume(reactor: Any, options: ConsumerOptions, log: _cli.StderrLog) -> int:
     socks: tuple[str, int] | None = options["socks-address"]
     path = options["file"]
     if path is None:
@@ -512,10 +516,8 @@ async def _consume(reactor: Any, options: ConsumerOptions) -> int:
             return _cli.EXIT_FAILURE
         _log.info("generated payload file: {path}", path=path)
     progress = ConsumerProgress(mode=mode_line(socks).removeprefix("mode: "))
-    if options["tui"]:
-        # Hook for the dashboard: it renders ``progress`` (ConsumerProgress).
-        _log.info("--tui: no dashboard is installed yet; logging only")
     _emit(mode_line(socks))
+    dashboard = _start_dashboard(reactor, options, progress, log) if options["tui"] else None
     try:
         result = await upload(
             reactor,
@@ -526,11 +528,44 @@ async def _consume(reactor: Any, options: ConsumerOptions) -> int:
             timeout=options["timeout"],
         )
     except UploadError as e:
+        if dashboard is not None:
+            dashboard.stop()
         _log.error("upload failed: {error}", error=e)
         return _cli.EXIT_FAILURE
+    # The display must be gone before the result lines are written, so
+    # that they are whole lines on stdout whatever terminal it was drawn on.
+    if dashboard is not None:
+        dashboard.stop()
     for line in result_lines(result):
         _emit(line)
     return _cli.EXIT_OK
+
+
+def _start_dashboard(
+    reactor: Any, options: ConsumerOptions, progress: ConsumerProgress, log: _cli.StderrLog
+) -> LiveDashboard[ConsumerView]:
+    """Start the live dashboard on ``progress`` and return it.
+
+    Imported here so that plain runs do not load rich.
+    """
+    from stripeproxy.harness.dashboard import (
+        ConsumerSampler,
+        LiveDashboard,
+        render_consumer,
+        terminal_console,
+    )
+
+    dashboard = LiveDashboard(
+        reactor,
+        ConsumerSampler(progress, options["target"]),
+        render_consumer,
+        terminal_console(),
+        log=log,
+    )
+    dashboard.start()
+    # Ctrl+C stops the reactor: put the terminal back before it goes.
+    reactor.addSystemEventTrigger("before", "shutdown", dashboard.stop)
+    return dashboard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -539,8 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = _cli.parse_options(options, argv)
     if code is not None:
         return code
-    _cli.begin_logging()
-    return _cli.run(_consume, options)
+    log = _cli.begin_logging()
+    return _cli.run(_consume, options, log)
 
 
 if __name__ == "__main__":

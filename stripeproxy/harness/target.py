@@ -255,6 +255,7 @@ class TargetOptions(_cli.HarnessOptions):
     ]
 
     def postOptions(self) -> None:
+        super().postOptions()
         if not is_endpoint_string(self["listen"]):
             try:
                 parse_host_port(self["listen"])
@@ -262,7 +263,7 @@ class TargetOptions(_cli.HarnessOptions):
                 raise usage.UsageError(f"--listen: {e}") from None
 
 
-async def _serve(reactor: Any, options: TargetOptions) -> int:
+async def _serve(reactor: Any, options: TargetOptions, log: _cli.StderrLog) -> int:
     try:
         endpoint = server_endpoint(reactor, options["listen"])
     except ValueError as e:
@@ -276,8 +277,25 @@ async def _serve(reactor: Any, options: TargetOptions) -> int:
     where = _describe_address(port.getHost())
     _log.info("test-target listening on {where}", where=where)
     if options["tui"]:
-        # Hook for the dashboard: it renders port.factory.stats (TargetStats).
-        _log.info("--tui: no dashboard is installed yet; logging only")
+        # Imported here so that plain runs do not load rich.
+        from stripeproxy.harness.dashboard import (
+            LiveDashboard,
+            TargetSampler,
+            render_target,
+            terminal_console,
+        )
+
+        site = port.factory  # type: ignore[attr-defined]
+        dashboard = LiveDashboard(
+            reactor,
+            TargetSampler(site.stats, where),
+            render_target,
+            terminal_console(),
+            log=log,
+        )
+        dashboard.start()
+        # Ctrl+C stops the reactor: put the terminal back before it goes.
+        reactor.addSystemEventTrigger("before", "shutdown", dashboard.stop)
     await Deferred()  # serve until the reactor stops (SIGINT/SIGTERM)
     return _cli.EXIT_OK
 
@@ -288,8 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = _cli.parse_options(options, argv)
     if code is not None:
         return code
-    _cli.begin_logging()
-    return _cli.run(_serve, options)
+    log = _cli.begin_logging()
+    return _cli.run(_serve, options, log)
 
 
 if __name__ == "__main__":

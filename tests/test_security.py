@@ -1,0 +1,113 @@
+"""Access control on the server: target policy, named keys, failed-login limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest_twisted
+from helpers import (
+    Cleanup,
+    EchoFactory,
+    Keys,
+    in_thread,
+    socks_handshake_reply,
+    start_client,
+    start_pair,
+    start_server,
+    start_target,
+    wait_for,
+)
+from twisted.internet.task import Clock
+
+from stripeproxy import socks5
+from stripeproxy.guard import AuthGuard
+from stripeproxy.keygen import load_keys, write_psk
+
+
+def test_auth_guard_counts_per_address_within_the_window() -> None:
+    clock = Clock()
+    guard = AuthGuard(clock, limit=3, window=60.0)
+    assert [guard.failed("10.0.0.1") for _ in range(3)] == [1, 2, 3]
+    assert guard.blocked("10.0.0.1")
+    assert not guard.blocked("10.0.0.2")  # other addresses are not affected
+    clock.advance(59.9)
+    assert guard.blocked("10.0.0.1")
+    clock.advance(0.1)
+    assert not guard.blocked("10.0.0.1")  # the window has passed
+    assert guard.failed("10.0.0.1") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_denied_network_gets_reply_0x02_even_by_name(cleanup: Cleanup, keys: Keys) -> None:
+    target = await start_target(cleanup, EchoFactory())
+    pair = await start_pair(
+        cleanup, keys, False, k=2, server_extra=["--deny", "127.0.0.0/8", "--deny", "::1/128"]
+    )
+    for host in ("127.0.0.1", "localhost"):  # a name that resolves into the denied network
+        reply = await in_thread(socks_handshake_reply, pair.socks_port, host, target.port)
+        assert reply == socks5.REPLY_NOT_ALLOWED, host
+    assert target.factory.connections == 0
+    assert len(pair.server_driver().subflows) == 2  # the session is unaffected
+
+
+@pytest_twisted.ensureDeferred
+async def test_allow_rules_restrict_ports(cleanup: Cleanup, keys: Keys) -> None:
+    target = await start_target(cleanup, EchoFactory())
+    other = await start_target(cleanup, EchoFactory())
+    pair = await start_pair(
+        cleanup, keys, True, k=2, server_extra=["--allow", f"127.0.0.1/32:{target.port}"]
+    )
+    ok = await in_thread(socks_handshake_reply, pair.socks_port, "127.0.0.1", target.port)
+    assert ok == socks5.REPLY_SUCCEEDED
+    no = await in_thread(socks_handshake_reply, pair.socks_port, "127.0.0.1", other.port)
+    assert no == socks5.REPLY_NOT_ALLOWED
+    assert other.factory.connections == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_named_keys_and_revocation(cleanup: Cleanup, keys: Keys, tmp_path: Path) -> None:
+    alice, bob = tmp_path / "alice.key", tmp_path / "bob.key"
+    write_psk(str(alice))
+    write_psk(str(bob))
+    server_keys = tmp_path / "server.keys"
+    server_keys.write_text(
+        f"alice {load_keys(str(alice))[''].hex()}\n# bob revoked: line removed\n"
+    )
+    target = await start_target(cleanup, EchoFactory())
+    server = await start_server(cleanup, keys, False, ["--psk-file", str(server_keys)])
+    good = await start_client(
+        cleanup, keys, server.port, False, k=2, psk=str(alice), extra=["--key-id", "alice"]
+    )
+    await wait_for(
+        lambda: good.driver is not None and len(good.driver.subflows) == 2, "alice's subflows"
+    )
+    reply = await in_thread(socks_handshake_reply, good.socks_port, "127.0.0.1", target.port)
+    assert reply == socks5.REPLY_SUCCEEDED
+    revoked = await start_client(
+        cleanup,
+        keys,
+        server.port,
+        False,
+        k=1,
+        psk=str(bob),
+        extra=["--key-id", "bob", "--open-timeout", "1"],
+    )
+    reply = await in_thread(socks_handshake_reply, revoked.socks_port, "127.0.0.1", target.port)
+    assert reply == socks5.REPLY_GENERAL_FAILURE
+    assert len(server.sessions) == 1  # only alice's
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_logins_are_limited_per_address(
+    cleanup: Cleanup, keys: Keys, log_messages: list[str]
+) -> None:
+    server = await start_server(
+        cleanup, keys, False, ["--auth-failures", "3", "--auth-window", "600"]
+    )
+    await start_client(cleanup, keys, server.port, False, k=2, psk=keys.wrong_psk)
+    guard = server.registry.guard
+    await wait_for(lambda: guard.blocked("127.0.0.1"), "the address to be refused", timeout=30)
+    failures = [m for m in log_messages if "authentication failed (key id" in m]  # server's
+    assert len(failures) == 3  # logged up to the limit, then refused silently
+    assert "refusing this address for now" in failures[-1]
+    assert server.sessions == []
