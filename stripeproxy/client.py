@@ -58,9 +58,15 @@ class Overlay:
         self.settings = settings
         self.driver: ClientSessionDriver | None = None
         self.joins = 0  # subflows the server accepted, over the client's life
+        # Sessions whose server sent GOAWAY: their streams finish, new ones go elsewhere.
+        self.draining: set[ClientSessionDriver] = set()
 
     def current(self) -> ClientSessionDriver:
-        if self.driver is None or self.driver.session.closed:
+        driver = self.driver
+        if driver is not None and driver.session.peer_going_away and not driver.session.closed:
+            self.draining.add(driver)
+            driver = self.driver = None
+        if driver is None or driver.session.closed:
             self.driver = ClientSessionDriver(
                 self.settings.reactor,
                 self.settings.config,
@@ -70,8 +76,14 @@ class Overlay:
         return self.driver
 
     def _closed(self, driver: SessionDriver) -> None:
+        self.draining.discard(driver)  # type: ignore[arg-type]
         if self.driver is driver:
             self.driver = None
+
+    def close(self, reason: str) -> None:
+        for driver in [*self.draining, self.driver]:
+            if driver is not None:
+                driver.session.close(reason)
 
 
 class OverlayService(Service):
@@ -90,9 +102,7 @@ class OverlayService(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        driver = self.overlay.driver
-        if driver is not None:
-            driver.session.close("the client is stopping")
+        self.overlay.close("the client is stopping")
 
 
 class ClientSubflow(SubflowProtocol):

@@ -150,6 +150,11 @@ class SessionDriver:
         if stream is not None:
             stream.resume_reading()
 
+    def session_going_away(self, reason: str) -> None:
+        self.log.info(
+            "session {session}: peer is going away: {reason}", session=self.label, reason=reason
+        )
+
     def session_closed(self, reason: str) -> None:
         self.log.info("session {session} closed: {reason}", session=self.label, reason=reason)
         if self._timer is not None:

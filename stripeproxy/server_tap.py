@@ -11,7 +11,7 @@ from twisted.python import usage
 from stripeproxy.endpoints import server_endpoint
 from stripeproxy.options import SESSION_PARAMETERS, SessionOptions, add_observability
 from stripeproxy.policy import Rule, TargetPolicy, parse_rule
-from stripeproxy.server import ServerSettings, SubflowFactory
+from stripeproxy.server import DrainService, ServerSettings, SubflowFactory
 from stripeproxy.tls import load_server_tls
 
 
@@ -29,6 +29,7 @@ class Options(SessionOptions):
         ["subflows", None, 16, "Most subflows one session may have.", int],
         ["max-sessions", None, 256, "Most concurrent sessions.", int],
         ["connect-timeout", None, 10.0, "Seconds to connect to a target.", float],
+        ["drain-timeout", None, 10.0, "On SIGTERM, seconds open streams get to finish.", float],
         ["auth-failures", None, 10, "Failed logins from one address before it is refused.", int],
         ["auth-window", None, 60.0, "Seconds over which --auth-failures are counted.", float],
         *SESSION_PARAMETERS,
@@ -83,6 +84,8 @@ def makeService(options: Options) -> IService:
             load_server_tls(options["cert"], options["key"]), False, subflows
         )
     top = MultiService()
+    # Stopped after the listener (services stop in reverse order).
+    DrainService(subflows.registry, reactor, options["drain-timeout"]).setServiceParent(top)
     StreamServerEndpointService(
         server_endpoint(reactor, options["listen"]), factory
     ).setServiceParent(top)

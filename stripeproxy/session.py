@@ -98,6 +98,9 @@ class SessionOwner(Protocol):
     def session_closed(self, reason: str) -> None:
         """The session is over (grace period expired with no subflow)."""
 
+    def session_going_away(self, reason: str) -> None:
+        """The peer sent GOAWAY: open no new streams here; existing ones go on."""
+
 
 class _Chunk:
     __slots__ = (
@@ -264,6 +267,8 @@ class Session:
         self._service_again = False
         self._reack_all = False
         self.closed = False
+        self.going_away = False  # we sent GOAWAY: no new streams accepted
+        self.peer_going_away = False
         self.stats_retransmitted = 0
         self.stats_reinjected = 0
         self.stats_timeouts = 0
@@ -381,6 +386,9 @@ class Session:
         if len(self._subflow_list) < 2:
             self._reinject_checks.clear()  # nowhere else to re-inject to
         if not self._subflows and not self.closed:
+            if self.peer_going_away:
+                self.close("the peer went away")  # it said so: no grace to wait for
+                return
             self._grace_deadline = self._clock.seconds() + self.config.grace_period
         self._service()
 
@@ -516,6 +524,16 @@ class Session:
         if self._ack_deadline is not None and now >= self._ack_deadline:
             self._flush_acks(force=True)
         self._service()
+
+    def go_away(self, reason: str) -> None:
+        """Begin a graceful shutdown: tell the peer (GOAWAY on every subflow)
+        and refuse new streams; open streams continue until they finish."""
+        if self.going_away or self.closed:
+            return
+        self.going_away = True
+        frame = wire.encode_goaway(wire.GOAWAY_SHUTDOWN, reason, self.config.crc)
+        for sf in self._subflow_list:
+            self._emit(sf, [frame], dummy=True)
 
     def close(self, reason: str) -> None:
         """End the session: reset every stream and tell the owner."""
@@ -699,7 +717,10 @@ class Session:
             if rtt < 3600:
                 self._rtt_sample(sf, rtt)
         elif isinstance(frame, wire.GoAway):
-            raise ProtocolError(f"peer is going away: {frame.reason}")
+            sf.rx_dummy += wire.HEADER_SIZE + 1 + len(frame.reason.encode())
+            if not self.peer_going_away:
+                self.peer_going_away = True
+                self._owner.session_going_away(frame.reason)
         else:
             raise ProtocolError(f"unexpected {type(frame).__name__} frame in an open session")
 
@@ -808,7 +829,7 @@ class Session:
             if message.stream_id <= self._max_stream_id:
                 raise ProtocolError(f"OPEN for stream {message.stream_id} reuses an id")
             self._max_stream_id = message.stream_id
-            if self._data_streams >= self.config.max_streams:
+            if self._data_streams >= self.config.max_streams or self.going_away:
                 self._send_control(control.OpenFail(message.stream_id, RESET_GENERAL))
                 return
             self._add_stream(message.stream_id, is_open=False)

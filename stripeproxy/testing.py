@@ -199,6 +199,9 @@ class FakeOwner:
         self.events.append(("session_closed", reason))
         self.session_closes.append(reason)
 
+    def session_going_away(self, reason: str) -> None:
+        self.events.append(("session_going_away", reason))
+
 
 def wire_size(frame: wire.Frame, crc: bool) -> int:
     """Bytes a frame takes on the wire (DATA exactly, others by their header)."""

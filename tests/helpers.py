@@ -266,7 +266,9 @@ def server_argv(
     extra: list[str] | tuple[str, ...] = (),
     listen: str = "tcp:0:interface=127.0.0.1",
 ) -> list[str]:
-    argv = ["--listen", listen, "--psk-file", keys.psk]
+    # Idle keep-alive streams would hold a graceful stop for the whole drain
+    # timeout; tests that study draining pass their own --drain-timeout.
+    argv = ["--listen", listen, "--psk-file", keys.psk, "--drain-timeout", "0"]
     argv += ["--cert", keys.cert, "--key", keys.key] if tls else ["--no-tls"]
     return argv + list(extra)
 
@@ -304,8 +306,12 @@ async def start_server(
     options.parseOptions(server_argv(keys, tls, extra, listen))
     top = server_tap.makeService(options)
     assert isinstance(top, MultiService)
-    service = next(iter(top))  # the subflow listener comes first
-    assert isinstance(service, StreamServerEndpointService)
+    (service,) = [  # the subflow listener
+        s
+        for s in top
+        if isinstance(s, StreamServerEndpointService)
+        and isinstance(getattr(s.factory, "wrappedFactory", s.factory), ServerSubflowFactory)
+    ]
     factory = getattr(service.factory, "wrappedFactory", service.factory)  # TLS wraps it
     assert isinstance(factory, ServerSubflowFactory)
     top.startService()
