@@ -188,6 +188,20 @@ class SocksProtocol(LocalStream):
         self._open_timer: IDelayedCall | None = None
         self._replied = False
 
+    def connectionMade(self) -> None:
+        # A client that connects and never finishes the SOCKS negotiation
+        # (slowloris) is dropped after the handshake timeout.
+        settings = self.overlay.settings
+        self._open_timer = settings.reactor.callLater(
+            settings.handshake_timeout, self._negotiation_timeout
+        )
+
+    def _negotiation_timeout(self) -> None:
+        self._open_timer = None
+        assert self.transport is not None
+        self.log.info("SOCKS client {peer}: negotiation timed out", peer=self.transport.getPeer())
+        self.transport.abortConnection()
+
     def dataReceived(self, data: bytes) -> None:
         if self._replied:
             self.forward(data)
@@ -214,6 +228,8 @@ class SocksProtocol(LocalStream):
 
     def _connect(self, request: socks5.ConnectRequest) -> None:
         assert self.transport is not None
+        if self._open_timer is not None:
+            self._open_timer.cancel()  # the negotiation is over; the open timeout starts
         self.transport.pauseProducing()  # nothing to forward until the server answers
         driver = self.overlay.current()
         stream_id = driver.session.open_stream(request.host, request.port)
