@@ -275,6 +275,7 @@ class Session:
         self.stats_subflows_lost = 0
         # Streams whose head-of-line chunk may need re-injection, and when.
         self._reinject_checks: dict[_Stream, float] = {}
+        self._ack_turn = 0
         self._retired = dict.fromkeys(("tx_real", "tx_dummy", "rx_real", "rx_dummy"), 0)
         self._control_decoder = control.ControlDecoder()
         control_stream = _Stream(CONTROL_STREAM, CONTROL_WINDOW, CONTROL_WINDOW, True)
@@ -1084,14 +1085,25 @@ class Session:
         return st.recv.final is not None and st.recv.next_offset == st.recv.final
 
     def _ack_subflow(self) -> _Subflow | None:
+        """The healthy, writable subflow with the least of our data in flight;
+        ties take turns.
+
+        Taking turns matters: a side that only receives never times anything
+        out, so it would never learn that a black-holed subflow swallows its
+        ACKs; with ACKs spread out, the next cumulative ACK gets through.
+        """
+        subflows = self._subflow_list
+        n = len(subflows)
         best: _Subflow | None = None
-        for sf in self._subflow_list:
-            if best is None or (not sf.suspect, sf.writable, -sf.inflight) > (
-                not best.suspect,
-                best.writable,
-                -best.inflight,
-            ):
-                best = sf
+        best_rank = (False, False, 0)
+        best_index = 0
+        for i in range(n):
+            index = (self._ack_turn + i) % n
+            sf = subflows[index]
+            rank = (not sf.suspect, sf.writable, -sf.inflight)
+            if best is None or rank > best_rank:
+                best, best_rank, best_index = sf, rank, index
+        self._ack_turn = best_index + 1
         return best
 
     @staticmethod

@@ -148,8 +148,26 @@ class SubflowProtocol(Protocol):
             self.driver.writable(self.sid, False)
 
     def resumeProducing(self) -> None:
+        if self._closing_underneath():
+            # A TLS error (or the peer's close_notify) makes TLSMemoryBIOProtocol
+            # call loseConnection() on the TCP transport.  If that transport's
+            # buffer was full, it has this subflow as a paused producer, and once
+            # the buffer drains it resumes us instead of closing; the dead TLS
+            # layer then drops every write and the subflow would linger, silent,
+            # until the dead interval.  Finish the close now.
+            self.fail("the connection under the subflow is closing (TLS error or close)")
+            return
         if self.driver is not None:
             self.driver.writable(self.sid, True)
+
+    def _closing_underneath(self) -> bool:
+        """The TCP transport under our (TLS) transport is shutting down.
+
+        We never call loseConnection() on a subflow ourselves (we abort), so a
+        lower transport that is disconnecting was closed by the layer above it.
+        """
+        lower = getattr(self.transport, "transport", None)
+        return bool(getattr(lower, "disconnecting", False))
 
     def stopProducing(self) -> None:
         """connectionLost follows; nothing to do here."""

@@ -218,8 +218,9 @@ def test_one_large_stream_is_striped_over_every_subflow() -> None:
     per_subflow = {sid: sum(len(f.payload) for f in fs) for sid, fs in frames.items()}
     assert sorted(per_subflow) == [1, 2, 3, 4]
     assert sum(per_subflow.values()) == 8 * MiB
-    # Equal subflows share the load evenly: 32 chunks each.
-    assert per_subflow == {1: 2 * MiB, 2: 2 * MiB, 3: 2 * MiB, 4: 2 * MiB}
+    # Equal subflows share the load evenly: 32 chunks each, give or take one
+    # (ACKs, which also take turns, decide which subflow drains first).
+    assert all(abs(n - 2 * MiB) <= CHUNK for n in per_subflow.values()), per_subflow
     assert all(len(f.payload) == CHUNK for fs in frames.values() for f in fs)
     pair.write(SERVER, stream_id, b"", eof=True)
     finish(pair)
