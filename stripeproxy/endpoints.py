@@ -17,8 +17,11 @@ def is_endpoint_string(text: str) -> bool:
     return text.startswith(_ENDPOINT_PREFIXES)
 
 
-def parse_host_port(text: str, default_host: str = "") -> tuple[str, int]:
-    """Split ``host:port``, ``[v6]:port`` or ``:port``; raise ValueError otherwise."""
+def parse_host_port(text: str, default_host: str = "", allow_zero: bool = False) -> tuple[str, int]:
+    """Split ``host:port``, ``[v6]:port`` or ``:port``; raise ValueError otherwise.
+
+    Port 0 (any free port) only makes sense for listening, hence ``allow_zero``.
+    """
     text = text.strip()
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
@@ -30,7 +33,7 @@ def parse_host_port(text: str, default_host: str = "") -> tuple[str, int]:
             raise ValueError(f"bad address {text!r}: expected host:port")
         if ":" in host:
             raise ValueError(f"bad address {text!r}: put IPv6 addresses in brackets")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit() or not (0 if allow_zero else 1) <= int(port) < 65536:
         raise ValueError(f"bad port in {text!r}")
     return host or default_host, int(port)
 
@@ -39,7 +42,7 @@ def server_endpoint(reactor: object, text: str) -> IStreamServerEndpoint:
     """A listening endpoint for ``host:port`` (all interfaces if host is empty)."""
     if is_endpoint_string(text):
         return serverFromString(reactor, text)
-    host, port = parse_host_port(text)
+    host, port = parse_host_port(text, allow_zero=True)
     description = f"tcp:{port}"
     if host:
         description += ":interface=" + host.replace(":", r"\:")

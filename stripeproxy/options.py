@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
 
 from stripeproxy.driver import SessionDriver
-from stripeproxy.endpoints import server_endpoint
+from stripeproxy.endpoints import is_endpoint_string, parse_host_port, server_endpoint
 from stripeproxy.keygen import load_keys
 from stripeproxy.session import SessionConfig
 
@@ -48,6 +48,13 @@ class SessionOptions(usage.Options):
                 raise usage.UsageError(f"--{name} must be positive")
         if self["dead-interval"] <= self["heartbeat"]:
             raise usage.UsageError("--dead-interval must be longer than --heartbeat")
+        for name, listening in (("listen", True), ("metrics", True), ("server", False)):
+            value = self.get(name)
+            if value and not is_endpoint_string(value):
+                try:
+                    parse_host_port(value, allow_zero=listening)
+                except ValueError as e:
+                    raise usage.UsageError(f"--{name}: {e}") from None
         self._resolve_tui()
 
     def _resolve_tui(self) -> None:

@@ -1,0 +1,562 @@
+"""The deployment files in deploy/: systemd units and scale-out behind HAProxy.
+
+The unit tests read the shipped units and their example environment files
+and feed the exact command lines to the real option parsers, so a renamed
+option or a typo in a unit fails here rather than on a server at boot.
+
+The HAProxy test runs the shipped ``deploy/haproxy/haproxy.cfg`` (only its
+listening port, its backend addresses and the host-specific process lines
+changed) in front of two real ``twistd stripe-server`` processes, with
+in-process clients dialling through it from distinct loopback source
+addresses, and checks what the configuration promises: source affinity keeps
+all of a client's subflows on one instance, clients spread over instances,
+and when an instance dies its clients rebuild their sessions on a live one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from helpers import (
+    Cleanup,
+    Client,
+    EchoFactory,
+    Keys,
+    MiB,
+    free_port,
+    in_thread,
+    sleep,
+    socks_echo,
+    start_client,
+    start_target,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+from stripeproxy import client_tap, server_tap
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+SYSTEMD = DEPLOY / "systemd"
+VENV_BIN = Path(sys.executable).parent
+# Debian installs it in /usr/sbin, which a non-root PATH may lack.
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+UNITS = {
+    "stripe-server.service": ("stripe-server", "stripe-server.env.example"),
+    "stripe-client.service": ("stripe-client", "stripe-client.env.example"),
+    "stripe-server@.service": ("stripe-server", "stripe-server.env.example"),
+}
+
+# Subflows per client in the HAProxy test.
+K = 3
+# `balance source` with `hash-type consistent` maps a client address to an
+# instance by a fixed hash of the address and the servers' ids (1 and 2 here,
+# from their order), so the mapping is deterministic: with two instances
+# these four addresses land two on each (127.0.0.2 and .4 on the first).
+SOURCES = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+
+
+# ------------------------------------------------------------ systemd units
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """Every ``Key=value`` of a unit file, in order, continuation lines joined.
+
+    Sections are merged: the keys the tests look at are not ambiguous.
+    """
+    settings: dict[str, list[str]] = {}
+    logical = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not logical and (not line or line.startswith(("#", ";", "["))):
+            continue
+        if line.endswith("\\"):
+            logical += line[:-1] + " "
+            continue
+        key, _, value = (logical + line).partition("=")
+        settings.setdefault(key.strip(), []).append(value.strip())
+        logical = ""
+    return settings
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """The assignments of a systemd EnvironmentFile (double-quoted values)."""
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        values[key] = value.strip('"')
+    return values
+
+
+def expand_exec(command: str, env: dict[str, str], credentials: Path) -> list[str]:
+    """ExecStart= as systemd runs it: ``$VAR`` splits into words, ``${VAR}`` does not."""
+    words = []
+    for word in command.split():
+        if re.fullmatch(r"\$[A-Z_]+", word):
+            words += env[word[1:]].split()
+        else:
+            word = word.replace("${CREDENTIALS_DIRECTORY}", str(credentials))
+            words.append(word.replace("%i", "8451"))
+    return words
+
+
+@pytest.mark.parametrize("unit", list(UNITS))
+def test_unit_runs_twistd_in_the_foreground_hardened(unit: str) -> None:
+    """Foreground twistd logging to the journal, hardened, restarted on failure."""
+    settings = unit_settings(SYSTEMD / unit)
+    single = {key: values[-1] for key, values in settings.items()}
+    expected = {
+        "Type": "simple",
+        "Restart": "on-failure",
+        "RestartSec": "2",
+        "LimitNOFILE": "65536",
+        "DynamicUser": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "no",  # TLS callbacks need W+X memory
+    }
+    assert {key: single.get(key) for key in expected} == expected
+    # Longer than the server's drain on SIGTERM (--drain-timeout, 10 s).
+    assert int(single["TimeoutStopSec"]) > 10
+    (command,) = settings["ExecStart"]
+    words = command.split()
+    tap = UNITS[unit][0]
+    assert words[0] == "/opt/stripeproxy/bin/twistd"
+    # Foreground, no pid file, log to stdout (the journal), never the dashboard.
+    assert words[1 : words.index(tap)] == ["--nodaemon", "--pidfile=", "--logfile", "-"]
+    assert words[words.index(tap) + 1] == "--no-tui"
+    # Every credential the command line reads is loaded from /etc/stripeproxy.
+    loaded = dict(value.split(":", 1) for value in settings["LoadCredential"])
+    read = set(re.findall(r"\$\{CREDENTIALS_DIRECTORY\}/([\w.]+)", command))
+    assert read == set(loaded)
+    assert all(path == f"/etc/stripeproxy/{name}" for name, path in loaded.items())
+
+
+@pytest.mark.parametrize("unit", list(UNITS))
+def test_unit_command_line_parses(unit: str, keys: Keys, tmp_path: Path) -> None:
+    """The command a unit runs, with its example environment, is accepted by the tap."""
+    tap, example = UNITS[unit]
+    env = env_file(SYSTEMD / example)
+    (command,) = unit_settings(SYSTEMD / unit)["ExecStart"]
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for name, source in [("server.crt", keys.cert), ("server.key", keys.key)]:
+        shutil.copy(source, credentials / name)
+    shutil.copy(keys.psk, credentials / "psk.key")
+    words = expand_exec(command, env, credentials)
+    argv = words[words.index(tap) + 1 :]
+    options = server_tap.Options() if tap == "stripe-server" else client_tap.Options()
+    options.parseOptions(argv)
+    assert options["tui"] is False
+    if unit == "stripe-server@.service":
+        assert options["listen"] == "127.0.0.1:8451"  # the instance name wins
+        assert options["auth-failures"] > 10_000  # see the env example
+    elif tap == "stripe-server":
+        assert options["listen"] == "0.0.0.0:8443"
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd's own parser accepts every line (unknown keys and bad values warn).
+
+    The units name /opt/stripeproxy/bin/twistd, which ``verify`` requires to
+    exist; the copies point at this venv's twistd instead.
+    """
+    paths = []
+    for unit in UNITS:
+        text = (SYSTEMD / unit).read_text()
+        name = unit.replace("@.", "@8451.")
+        copy = tmp_path / name
+        copy.write_text(text.replace("/opt/stripeproxy/bin/twistd", str(VENV_BIN / "twistd")))
+        paths.append(str(copy))
+    result = subprocess.run(
+        [str(SYSTEMD_ANALYZE), "verify", *paths],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_env_examples_are_shell_free() -> None:
+    """systemd does not run a shell: values must need no quoting beyond the outer quotes."""
+    for example in ("stripe-server.env.example", "stripe-client.env.example"):
+        for key, value in env_file(SYSTEMD / example).items():
+            assert re.fullmatch(r"STRIPE_[A-Z_]+", key), key
+            assert shlex.split(value) == value.split(), f"{example}: {key}"
+
+
+# ------------------------------------------------------- scale-out: HAProxy
+
+
+@dataclass
+class Process:
+    """A child process whose output goes to a file (a pipe could fill and stall it)."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL; blocking (run it in a thread)."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+    async def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        """The first match of ``pattern`` in the output; fail if the process exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.output())
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited ({self.popen.returncode}) before printing "
+                    f"{pattern!r}:\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} from {self.name}:\n{self.output()}")
+            await sleep(0.05)
+
+
+def spawn(cleanup: Cleanup, name: str, argv: list[str], directory: Path) -> Process:
+    """Start ``argv`` with its output in ``directory``; cleanup stops it whatever happens."""
+    log = directory / f"{name}.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+            env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"),
+        )
+    process = Process(name, popen, log)
+    cleanup.add(lambda: in_thread(process.stop), f"stop {name}")
+    return process
+
+
+async def wait_listening(process: Process, port: int, timeout: float = 15.0) -> None:
+    """Wait until ``port`` accepts a connection (HAProxy prints nothing when ready)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2)
+            protocol = await connectProtocol(endpoint, Protocol())
+        except Exception as e:
+            if process.popen.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{process.name} is not listening:\n{process.output()}") from e
+            await sleep(0.05)
+        else:
+            protocol.transport.abortConnection()
+            return
+
+
+@dataclass
+class Instance:
+    """One stripe-server process: its subflow port and its metrics port."""
+
+    process: Process
+    port: int = 0
+    metrics_port: int = 0
+
+
+async def start_instance(cleanup: Cleanup, keys: Keys, name: str, directory: Path) -> Instance:
+    argv = [
+        str(VENV_BIN / "twistd"),
+        "--nodaemon",
+        "--pidfile=",
+        "--logfile",
+        "-",
+        "stripe-server",
+        "--no-tui",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--cert",
+        keys.cert,
+        "--key",
+        keys.key,
+        "--psk-file",
+        keys.psk,
+        "--metrics",
+        "tcp:0:interface=127.0.0.1",
+    ]
+    instance = Instance(spawn(cleanup, name, argv, directory))
+    match = await instance.process.wait_for(r"SubflowFactory \(TLS\) starting on (\d+)")
+    instance.port = int(match[1])
+    match = await instance.process.wait_for(r"Site starting on (\d+)")
+    instance.metrics_port = int(match[1])
+    return instance
+
+
+def haproxy_config(shipped: str, port: int, backends: list[int]) -> str:
+    """The shipped configuration, aimed at this test's ports.
+
+    Everything that decides behaviour (mode, balance, hash type, checks,
+    timeouts) is kept; only the host-specific process lines (chroot, user,
+    group, admin socket: they need root and Debian's layout), the connection
+    limits (they need a file-descriptor limit a test host may not grant), the
+    bind address and the server list change.  The generated servers keep the
+    shipped names' pattern, so their ids (which the consistent hash uses)
+    are 1..N in order, as in the shipped file.
+    """
+    lines = []
+    servers_at = None
+    for line in shipped.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            lines.append(line)
+        elif words[0] in ("chroot", "user", "group") or words[:2] == ["stats", "socket"]:
+            continue
+        elif words[0] == "maxconn":
+            lines.append("    maxconn 1000")
+        elif words[0] == "bind":
+            assert words[1] == ":8443", "the shipped frontend listens on :8443"
+            lines.append(f"    bind 127.0.0.1:{port}")
+        elif words[0] == "server":
+            servers_at = len(lines) if servers_at is None else servers_at
+        else:
+            lines.append(line)
+    assert servers_at is not None, "the shipped backend lists servers"
+    generated = [f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(backends, 1)]
+    lines[servers_at:servers_at] = generated
+    return "\n".join(lines) + "\n"
+
+
+def test_shipped_haproxy_config_settings() -> None:
+    """What the deployment relies on, stated in the shipped file."""
+    text = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    settings = [line.split() for line in text.splitlines() if line.strip()[:1] not in ("", "#")]
+    assert ["mode", "tcp"] in settings
+    assert ["balance", "source"] in settings
+    assert ["hash-type", "consistent"] in settings
+    (bind,) = [words for words in settings if words[0] == "bind"]
+    assert "ssl" not in bind, "TLS passes through to the stripe servers"
+    servers = [words for words in settings if words[0] == "server"]
+    assert [words[2] for words in servers] == [f"127.0.0.1:{8450 + i}" for i in range(1, 5)]
+    assert "check" in next(words for words in settings if words[0] == "default-server")
+
+    def seconds(name: str) -> float:
+        """A ``timeout NAME`` value in seconds (HAProxy's default unit is ms)."""
+        (value,) = [words[2] for words in settings if words[:2] == ["timeout", name]]
+        match = re.fullmatch(r"(\d+)(ms|s|m|h)?", value)
+        assert match is not None, f"timeout {name} {value}"
+        scale = {"ms": 0.001, "s": 1, None: 0.001, "m": 60, "h": 3600}[match[2]]
+        return int(match[1]) * scale
+
+    # Idle subflows only carry heartbeats (every 5 s): HAProxy must not cut them.
+    for name in ("client", "server", "tunnel"):
+        assert seconds(name) >= 120, f"timeout {name}"
+    assert seconds("connect") == 5
+
+
+@dataclass
+class InstanceView:
+    """One instance's live sessions and their subflow ids, as its metrics report them."""
+
+    sessions: dict[str, set[str]] = field(default_factory=dict)
+    session_gauge: float = 0.0
+    subflow_gauge: float = 0.0
+
+    def problems(self, name: str) -> list[str]:
+        """What keeps this view from being a steady state.
+
+        The gauges count every session, the per-subflow series only sessions
+        with subflows: a difference is a session without any (one in its
+        grace period, or a sample taken mid-change).
+        """
+        subflows = sum(len(ids) for ids in self.sessions.values())
+        if (self.session_gauge, self.subflow_gauge) == (len(self.sessions), subflows):
+            return []
+        return [
+            f"{name}: {self.session_gauge:g} sessions and {self.subflow_gauge:g} subflows, "
+            f"but {len(self.sessions)} sessions with {subflows} subflows between them"
+        ]
+
+
+def scrape(port: int) -> InstanceView:
+    """Read one instance's Prometheus endpoint; blocking (run it in a thread)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    view = InstanceView()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "stripeproxy_subflow_bytes_total":
+                ids = view.sessions.setdefault(sample.labels["session"], set())
+                ids.add(sample.labels["subflow"])
+            elif sample.name == "stripeproxy_sessions":
+                view.session_gauge = sample.value
+            elif sample.name == "stripeproxy_subflows":
+                view.subflow_gauge = sample.value
+    return view
+
+
+@dataclass
+class Placement:
+    """Where each client's session lives, and what contradicts the expected layout."""
+
+    per_instance: list[dict[str, set[str]]]
+    problems: list[str] = field(default_factory=list)
+
+    def instance_of(self, label: str) -> int | None:
+        homes = [i for i, sessions in enumerate(self.per_instance) if label in sessions]
+        return homes[0] if len(homes) == 1 else None
+
+
+async def placement(instances: list[Instance], clients: list[Client]) -> Placement:
+    """Scrape every live instance; list what contradicts "one instance, K subflows each"."""
+    views = []
+    for instance in instances:
+        alive = instance.process.popen.poll() is None
+        views.append(await in_thread(scrape, instance.metrics_port) if alive else InstanceView())
+    found = Placement([view.sessions for view in views])
+    for instance, view in zip(instances, views, strict=True):
+        found.problems += view.problems(instance.process.name)
+    labels = []
+    for source, client in zip(SOURCES, clients, strict=True):
+        driver = client.driver
+        if driver is None or not driver.established or len(driver.subflows) != K:
+            found.problems.append(f"client {source} has no session with {K} subflows")
+            continue
+        labels.append(driver.label)
+        homes = {i: s[driver.label] for i, s in enumerate(found.per_instance) if driver.label in s}
+        if len(homes) != 1 or len(next(iter(homes.values()))) != K:
+            found.problems.append(f"client {source} session {driver.label}: {homes}")
+    strays = {label for sessions in found.per_instance for label in sessions} - set(labels)
+    if strays:
+        found.problems.append(f"sessions no client holds: {sorted(strays)}")
+    return found
+
+
+async def settled(
+    instances: list[Instance], clients: list[Client], timeout: float = 20.0
+) -> Placement:
+    """Wait until every client has one session, on one instance, with all K subflows.
+
+    Metrics are sampled every 500 ms, so a fresh change shows up a little late.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await placement(instances, clients)
+        if not found.problems:
+            return found
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {i.process.name}:\n{i.process.output()}" for i in instances)
+            raise AssertionError("\n".join(found.problems) + "\n" + logs)
+        await sleep(0.2)
+
+
+def label(client: Client) -> str:
+    """The client's session label: the same string the server's metrics use."""
+    assert client.driver is not None, "the client has no session"
+    return client.driver.label
+
+
+async def echo_through_all(clients: list[Client], target_port: int, size: int) -> None:
+    """A concurrent echo through every client; each must come back bit-exact."""
+    transfers = [
+        in_thread(socks_echo, client.socks_port, target_port, size, seed)
+        for seed, client in enumerate(clients)
+    ]
+    for source, transfer in zip(SOURCES, transfers, strict=True):
+        result = await transfer
+        assert result.errors == [], source
+        assert (result.sent, result.received) == (size, size), source
+        assert result.received_sha == result.sent_sha, source
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
+@pytest_twisted.ensureDeferred
+async def test_haproxy_source_affinity_and_failover(
+    cleanup: Cleanup, keys: Keys, tmp_path: Path
+) -> None:
+    """Four clients (K=3) through the shipped HAProxy config to two real instances.
+
+    Each client binds its own loopback source address, since `balance
+    source` can only spread clients that come from different addresses.
+    """
+    instances = [
+        await start_instance(cleanup, keys, f"stripe-server-{n}", tmp_path) for n in (1, 2)
+    ]
+    port = await free_port()
+    config = tmp_path / "haproxy.cfg"
+    shipped = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    config.write_text(haproxy_config(shipped, port, [i.port for i in instances]))
+    assert HAPROXY is not None
+    checked = await in_thread(
+        subprocess.run,
+        [HAPROXY, "-c", "-f", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    haproxy = spawn(cleanup, "haproxy", [HAPROXY, "-f", str(config), "-db"], tmp_path)
+    await wait_listening(haproxy, port)
+
+    target = await start_target(cleanup, EchoFactory())
+    clients = []
+    for source in SOURCES:
+        # An endpoint string binds the subflows' source address; with it the
+        # server name to check cannot be derived, so it is given (the
+        # certificate is pinned by fingerprint anyway).
+        server = f"tcp:127.0.0.1:{port}:bindAddress={source}:timeout=10"
+        extra = ["--server", server, "--server-name", "localhost", "--retry-max", "1"]
+        clients.append(await start_client(cleanup, keys, port, True, K, extra))
+
+    # Affinity and spread.
+    found = await settled(instances, clients)
+    homes = [found.instance_of(label(client)) for client in clients]
+    assert set(homes) == {0, 1}, f"clients not spread over both instances: {homes}"
+    await echo_through_all(clients, target.port, 2 * MiB)
+
+    # An instance dies: HAProxy's checks mark it down, its clients' re-dials
+    # hash to the live one, which does not know their sessions; those clients
+    # start new sessions there.  The other clients keep theirs undisturbed.
+    dead = homes[0]
+    assert dead is not None
+    before = {
+        home: {label(c) for c, h in zip(clients, homes, strict=True) if h == home}
+        for home in (0, 1)
+    }
+    instances[dead].process.popen.kill()
+    await in_thread(instances[dead].process.popen.wait, 10)
+    found = await settled(instances, clients, timeout=30)
+    assert found.per_instance[dead] == {}
+    after = {label(client) for client in clients}
+    assert before[1 - dead] <= after, "a client of the live instance lost its session"
+    assert not before[dead] & after, "a session of the dead instance lives on"
+    await echo_through_all(clients, target.port, 2 * MiB)
