@@ -189,6 +189,7 @@ class SocksProtocol(LocalStream):
         self._replied = False
 
     def connectionMade(self) -> None:
+        super().connectionMade()
         # A client that connects and never finishes the SOCKS negotiation
         # (slowloris) is dropped after the handshake timeout.
         settings = self.overlay.settings

@@ -52,6 +52,13 @@ class LocalStream(Protocol):
     target = ""  # host:port the stream goes to, for the dashboard and logs
     opened_at = 0.0
 
+    def connectionMade(self) -> None:
+        # A SOCKS reply or a request's first bytes are small writes: with
+        # Nagle's algorithm each waits for the peer's delayed ACK (40 ms).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+
     def bind(self, driver: SessionDriver, stream_id: int, target: str) -> None:
         self.driver = driver
         self.stream_id = stream_id
