@@ -13,6 +13,7 @@ from twisted.python import usage
 from stripeproxy.driver import SessionDriver
 from stripeproxy.endpoints import is_endpoint_string, parse_host_port, server_endpoint
 from stripeproxy.keygen import load_keys
+from stripeproxy.scheduler import SCHEDULERS
 from stripeproxy.session import SessionConfig
 
 SESSION_PARAMETERS = [
@@ -23,6 +24,12 @@ SESSION_PARAMETERS = [
     ["handshake-timeout", None, 10.0, "Seconds a new subflow has to authenticate.", float],
     ["congestion", None, None, "TCP congestion control for subflows (e.g. cubic, bbr)."],
     ["metrics", None, None, "Serve Prometheus metrics on host:port (path /metrics)."],
+    [
+        "scheduler",
+        None,
+        "adaptive",
+        "Chunk placement: adaptive (goodput-weighted) or least-queued.",
+    ],
 ]
 
 
@@ -48,6 +55,8 @@ class SessionOptions(usage.Options):
                 raise usage.UsageError(f"--{name} must be positive")
         if self["dead-interval"] <= self["heartbeat"]:
             raise usage.UsageError("--dead-interval must be longer than --heartbeat")
+        if self["scheduler"] not in SCHEDULERS:
+            raise usage.UsageError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")
         for name, listening in (("listen", True), ("metrics", True), ("server", False)):
             value = self.get(name)
             if value and not is_endpoint_string(value):
@@ -82,6 +91,7 @@ class SessionOptions(usage.Options):
             dead_interval=self["dead-interval"],
             grace_period=self["grace"],
             crc=bool(self["no-tls"]),
+            scheduler=self["scheduler"],
         )
 
 

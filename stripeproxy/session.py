@@ -26,13 +26,14 @@ from twisted.internet.interfaces import IReactorTime
 
 from stripeproxy import control, wire
 from stripeproxy.control import CONTROL_STREAM
-from stripeproxy.scheduler import LeastQueuedScheduler, Scheduler
+from stripeproxy.scheduler import Scheduler, make_scheduler
 from stripeproxy.wire import ProtocolError
 
 KiB = 1024
 MiB = 1024 * KiB
 
 CONTROL_WINDOW = 256 * KiB
+GOODPUT_SAMPLE = 0.1  # seconds of ACKs per goodput sample
 INITIAL_WINDOW = 256 * KiB
 RESET_GENERAL = 0x01
 
@@ -60,6 +61,9 @@ class SessionConfig:
     max_rto: float = 10.0
     max_streams: int = 1024
     crc: bool = False
+    # "least-queued" (the plain policy) or "adaptive" (goodput-weighted; the
+    # taps' default).  See scheduler.py.
+    scheduler: str = "least-queued"
 
 
 class SessionOwner(Protocol):
@@ -131,6 +135,9 @@ class _Subflow:
     """Per-subflow state the core and the scheduler read."""
 
     __slots__ = (
+        "_rate_bytes",
+        "_rate_start",
+        "goodput",
         "inflight",
         "last_rx",
         "last_tx",
@@ -164,6 +171,10 @@ class _Subflow:
         self.rx_real = 0
         self.rx_dummy = 0
         self.tx_retransmit = 0
+        # Recent acknowledged bytes per second (EWMA over >= 100 ms samples).
+        self.goodput = 0.0
+        self._rate_start = now
+        self._rate_bytes = 0
 
 
 class _Send:
@@ -252,7 +263,9 @@ class Session:
         self._clock = clock
         self.config = config
         self.is_client = is_client
-        self._scheduler: Scheduler = scheduler or LeastQueuedScheduler()
+        self._scheduler: Scheduler = scheduler or make_scheduler(
+            config.scheduler, config.chunk_size
+        )
         self._subflows: dict[int, _Subflow] = {}
         self._subflow_list: list[_Subflow] = []
         self._streams: dict[int, _Stream] = {}
@@ -913,6 +926,13 @@ class Session:
         sf.suspect = False
         if chunk.retries == 0 and not chunk.reinjected:
             self._rtt_sample(sf, now - chunk.sent_at)
+        sf._rate_bytes += len(chunk.data)
+        elapsed = now - sf._rate_start
+        if elapsed >= GOODPUT_SAMPLE:
+            rate = sf._rate_bytes / elapsed
+            sf.goodput = rate if sf.goodput == 0 else 0.75 * sf.goodput + 0.25 * rate
+            sf._rate_start = now
+            sf._rate_bytes = 0
 
     def _release(self, chunk: _Chunk) -> None:
         """Take an unacknowledged chunk off its subflow (to send it elsewhere, or drop it)."""

@@ -173,7 +173,11 @@ def echo_through(port: int, size: int) -> Transfer:
 
 def recv_error(port: int) -> str:
     """Connect, wait for the relay to break the connection; what did we see?"""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT)
+    try:
+        # On loopback the RST of a refused connection can beat connect() itself.
+        sock = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT)
+    except ConnectionResetError:
+        return "reset"
     try:
         data = sock.recv(1)
         return "eof" if not data else "data"

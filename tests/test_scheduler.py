@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from stripeproxy.scheduler import LeastQueuedScheduler
+import pytest
+
+from stripeproxy.scheduler import AdaptiveScheduler, LeastQueuedScheduler, make_scheduler
 
 
 @dataclass
@@ -15,6 +17,7 @@ class View:
     inflight: int = 0
     srtt: float | None = None
     suspect: bool = False
+    goodput: float = 0.0
 
 
 def picks(scheduler: LeastQueuedScheduler, views: list[View], n: int) -> list[int | None]:
@@ -99,3 +102,59 @@ def test_suspect_subflow_only_when_no_healthy_one_can_take_data() -> None:
     views[0].suspect = False
     views[1].writable = True
     assert picks(scheduler, views, 1) == [1]
+
+
+def test_adaptive_spreads_chunks_in_proportion_to_goodput() -> None:
+    # Two subflows at 30 and 10 MB/s: chunks go 3:1, modelled by draining
+    # inflight at each subflow's goodput between picks.
+    scheduler = AdaptiveScheduler(chunk=64 * 1024, probe_every=10_000)
+    views = [View(1, goodput=30e6), View(2, goodput=10e6)]
+    counts = {1: 0, 2: 0}
+    for _ in range(400):
+        chosen = scheduler.pick(views)
+        assert chosen is not None
+        counts[chosen.sid] += 1
+        chosen.inflight += 64 * 1024
+        for view in views:  # 1 ms passes
+            view.inflight = max(0, view.inflight - int(view.goodput / 1000))
+    assert 2.5 < counts[1] / counts[2] < 3.5, counts
+
+
+def test_adaptive_starves_a_degraded_subflow_but_still_probes_it() -> None:
+    scheduler = AdaptiveScheduler(chunk=64 * 1024, probe_every=8)
+    views = [
+        View(1, goodput=50e6),
+        View(2, goodput=50e6),
+        View(3, goodput=0.5e6, inflight=256 * 1024),
+    ]
+    chosen = [pick_sid(scheduler, views) for _ in range(64)]
+    assert 0 < chosen.count(3) <= 64 // 8  # only the probes
+    assert chosen.count(1) + chosen.count(2) >= 56
+
+
+def test_adaptive_treats_unmeasured_subflows_as_fast_and_respects_state() -> None:
+    scheduler = AdaptiveScheduler(probe_every=10_000)
+    views = [View(1, goodput=20e6, inflight=1_000_000), View(2)]  # 2: new, no estimate yet
+    assert pick_sid(scheduler, views) == 2
+    views[1].writable = False
+    assert pick_sid(scheduler, views) == 1
+    views[0].suspect = True
+    views[1].writable = True
+    assert pick_sid(scheduler, views) == 2
+    views[1].writable = False
+    assert pick_sid(scheduler, views) == 1  # suspect, but the only one that can take data
+    views[0].writable = False
+    assert scheduler.pick(views) is None
+
+
+def pick_sid(scheduler: AdaptiveScheduler, views: list[View]) -> int:
+    chosen = scheduler.pick(views)
+    assert chosen is not None
+    return chosen.sid
+
+
+def test_make_scheduler() -> None:
+    assert isinstance(make_scheduler("adaptive"), AdaptiveScheduler)
+    assert isinstance(make_scheduler("least-queued"), LeastQueuedScheduler)
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        make_scheduler("random")
