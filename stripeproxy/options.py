@@ -14,7 +14,7 @@ from stripeproxy.driver import SessionDriver
 from stripeproxy.endpoints import is_endpoint_string, parse_host_port, server_endpoint
 from stripeproxy.keygen import load_keys
 from stripeproxy.scheduler import SCHEDULERS
-from stripeproxy.session import SessionConfig
+from stripeproxy.session import MiB, SessionConfig
 
 SESSION_PARAMETERS = [
     ["psk-file", None, None, "Pre-shared key file: one hex key, or 'NAME HEX' lines."],
@@ -24,6 +24,8 @@ SESSION_PARAMETERS = [
     ["handshake-timeout", None, 10.0, "Seconds a new subflow has to authenticate.", float],
     ["congestion", None, None, "TCP congestion control for subflows (e.g. cubic, bbr)."],
     ["metrics", None, None, "Serve Prometheus metrics on host:port (path /metrics)."],
+    ["stream-window", None, 4.0, "MiB a stream may have in flight towards us (credit).", float],
+    ["session-window", None, 32.0, "MiB all streams of a session may have in flight to us.", float],
     [
         "scheduler",
         None,
@@ -50,7 +52,14 @@ class SessionOptions(usage.Options):
             self["keys"] = load_keys(self["psk-file"])
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot read --psk-file: {e}") from None
-        for name in ("heartbeat", "dead-interval", "grace", "handshake-timeout"):
+        for name in (
+            "heartbeat",
+            "dead-interval",
+            "grace",
+            "handshake-timeout",
+            "stream-window",
+            "session-window",
+        ):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         if self["dead-interval"] <= self["heartbeat"]:
@@ -91,6 +100,8 @@ class SessionOptions(usage.Options):
             dead_interval=self["dead-interval"],
             grace_period=self["grace"],
             crc=bool(self["no-tls"]),
+            stream_window=int(self["stream-window"] * MiB),
+            session_window=int(self["session-window"] * MiB),
             scheduler=self["scheduler"],
         )
 

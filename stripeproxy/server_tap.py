@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
@@ -28,6 +30,7 @@ class Options(SessionOptions):
         ["key", None, None, "TLS private key (PEM)."],
         ["subflows", None, 16, "Most subflows one session may have.", int],
         ["max-sessions", None, 256, "Most concurrent sessions.", int],
+        ["max-streams", None, 1024, "Most open streams per session.", int],
         ["connect-timeout", None, 10.0, "Seconds to connect to a target.", float],
         ["drain-timeout", None, 10.0, "On SIGTERM, seconds open streams get to finish.", float],
         ["auth-failures", None, 10, "Failed logins from one address before it is refused.", int],
@@ -59,15 +62,15 @@ class Options(SessionOptions):
         super().postOptions()
         if not self["no-tls"] and not (self["cert"] and self["key"]):
             raise usage.UsageError("--cert and --key are required unless --no-tls is given")
-        if self["subflows"] < 1 or self["max-sessions"] < 1:
-            raise usage.UsageError("--subflows and --max-sessions must be at least 1")
+        if min(self["subflows"], self["max-sessions"], self["max-streams"]) < 1:
+            raise usage.UsageError("--subflows, --max-sessions and --max-streams must be >= 1")
 
 
 def makeService(options: Options) -> IService:
     settings = ServerSettings(
         reactor=reactor,
         keys=options["keys"],
-        config=options.session_config(),
+        config=dataclasses.replace(options.session_config(), max_streams=options["max-streams"]),
         max_subflows=options["subflows"],
         max_sessions=options["max-sessions"],
         connect_timeout=options["connect-timeout"],

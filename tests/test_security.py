@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest_twisted
@@ -10,6 +11,7 @@ from helpers import (
     EchoFactory,
     Keys,
     in_thread,
+    socks_connect,
     socks_handshake_reply,
     start_client,
     start_pair,
@@ -111,3 +113,52 @@ async def test_failed_logins_are_limited_per_address(
     assert len(failures) == 3  # logged up to the limit, then refused silently
     assert "refusing this address for now" in failures[-1]
     assert server.sessions == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_subflow_and_session_limits_affect_only_the_offender(
+    cleanup: Cleanup, keys: Keys, log_messages: list[str]
+) -> None:
+    target = await start_target(cleanup, EchoFactory())
+    server = await start_server(cleanup, keys, False, ["--subflows", "2", "--max-sessions", "1"])
+    first = await start_client(cleanup, keys, server.port, False, k=4)
+    await wait_for(
+        lambda: first.driver is not None and len(first.driver.subflows) == 2,
+        "the first client's two subflows",
+    )
+    # Its other two subflows are refused, again and again, without harm.
+    await wait_for(
+        lambda: any("too many subflows" in m for m in log_messages), "a too-many-subflows reject"
+    )
+    assert len(server.sessions) == 1 and len(server.sessions[0].subflows) == 2
+    second = await start_client(
+        cleanup, keys, server.port, False, k=1, extra=["--open-timeout", "1"]
+    )
+    await wait_for(
+        lambda: any("too many sessions" in m for m in log_messages), "a too-many-sessions reject"
+    )
+    reply = await in_thread(socks_handshake_reply, second.socks_port, "127.0.0.1", target.port)
+    assert reply == socks5.REPLY_GENERAL_FAILURE
+    # The first client is unaffected.
+    reply = await in_thread(socks_handshake_reply, first.socks_port, "127.0.0.1", target.port)
+    assert reply == socks5.REPLY_SUCCEEDED
+    assert len(server.sessions) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_limit_refuses_only_the_extra_streams(cleanup: Cleanup, keys: Keys) -> None:
+    target = await start_target(cleanup, EchoFactory())
+    pair = await start_pair(cleanup, keys, False, k=2, server_extra=["--max-streams", "2"])
+    held = [
+        await in_thread(socks_connect, pair.socks_port, "127.0.0.1", target.port) for _ in range(2)
+    ]
+    reply = await in_thread(socks_handshake_reply, pair.socks_port, "127.0.0.1", target.port)
+    assert reply == socks5.REPLY_GENERAL_FAILURE  # the third stream
+    for sock in held:  # the two admitted streams work on
+        assert await in_thread(ping_pong, sock) == b"still here"
+
+
+def ping_pong(sock: socket.socket) -> bytes:
+    with sock:
+        sock.sendall(b"still here")
+        return sock.recv(100)
