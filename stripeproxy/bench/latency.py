@@ -20,14 +20,10 @@ from collections.abc import Sequence
 from stripeproxy.bench.common import TRAFFIC, Context, MiB, send_argv, transfer
 from stripeproxy.bench.procs import (
     ProcessGroup,
-    client_args,
-    free_port,
     python_module,
     run_json,
-    server_args,
+    start_overlay,
     sysctl,
-    wait_listening,
-    wait_subflows,
 )
 from stripeproxy.bench.stats import Goal, Result, ScenarioReport, jain_index, median, percentile
 
@@ -85,19 +81,9 @@ def run(ctx: Context) -> ScenarioReport:
         _, ports = g.start_traffic_server("sink", hello=True)
         hello = ("127.0.0.1", ports["hello_port"])
         bulk = ("127.0.0.1", ports["port"])
-        sport, cport = free_port(), free_port()
-        server = g.start_twistd(
-            "stripe-server", "stripe-server", server_args(keys, f"127.0.0.1:{sport}", True)
-        )
-        wait_listening(server, sport)
-        client = g.start_twistd(
-            "stripe-client",
-            "stripe-client",
-            client_args(keys, f"127.0.0.1:{sport}", f"127.0.0.1:{cport}", 6, True),
-        )
-        wait_listening(client, cport)
-        wait_subflows(client, sport, 6)
-        socks = ("127.0.0.1", cport)
+        overlay = start_overlay(g, keys)
+        server, client = overlay.server, overlay.client
+        sport, socks = overlay.server_port, overlay.socks
         run_json(ttfb_argv(hello, socks, 10))  # warm-up
         rtt = run_json(ttfb_argv(("127.0.0.1", sport), None, 200, connect_only=True))
         rtt_ms = median(x * 1000 for x in rtt["latencies"])

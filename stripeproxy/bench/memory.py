@@ -25,12 +25,8 @@ from stripeproxy.bench.common import Background, Context, MiB, send_argv, transf
 from stripeproxy.bench.procs import (
     Proc,
     ProcessGroup,
-    client_args,
-    free_port,
-    server_args,
+    start_overlay,
     sysctl,
-    wait_listening,
-    wait_subflows,
 )
 from stripeproxy.bench.stats import Goal, Result, ScenarioReport
 
@@ -116,19 +112,8 @@ def _one(ctx: Context, workdir: Path, size: int) -> dict[str, float]:
     with ProcessGroup(workdir) as g:
         _, ports = g.start_traffic_server("slow-sink", rate=TARGET_RATE)
         sink = ("127.0.0.1", ports["port"])
-        sport, cport = free_port(), free_port()
-        server = g.start_twistd(
-            "stripe-server", "stripe-server", server_args(keys, f"127.0.0.1:{sport}", True)
-        )
-        wait_listening(server, sport)
-        client = g.start_twistd(
-            "stripe-client",
-            "stripe-client",
-            client_args(keys, f"127.0.0.1:{sport}", f"127.0.0.1:{cport}", 6, True),
-        )
-        wait_listening(client, cport)
-        wait_subflows(client, sport, 6)
-        socks = ("127.0.0.1", cport)
+        overlay = start_overlay(g, keys)
+        server, client, socks = overlay.server, overlay.client, overlay.socks
         # one small stream first, so lazily imported code and first-use
         # allocations count as idle, not as the transfer's cost
         transfer(send_argv(sink, socks, 1, 32 * 1024), timeout=60)

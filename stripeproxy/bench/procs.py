@@ -407,3 +407,30 @@ class CpuWindow:
         self.waited = {
             k: read_schedstat(p.pid)[1] - self.sched_before[k][1] for k, p in self.procs.items()
         }
+
+
+@dataclass
+class OverlayPair:
+    """A running stripe-server and stripe-client on loopback, all subflows up."""
+
+    server: Proc
+    client: Proc
+    server_port: int
+    socks: tuple[str, int]
+
+
+def start_overlay(g: ProcessGroup, keys: Keys, k: int = 6, tls: bool = True) -> OverlayPair:
+    """Start the proxy pair on free loopback ports and wait for its K subflows."""
+    sport, cport = free_port(), free_port()
+    server = g.start_twistd(
+        "stripe-server", "stripe-server", server_args(keys, f"127.0.0.1:{sport}", tls)
+    )
+    wait_listening(server, sport)
+    client = g.start_twistd(
+        "stripe-client",
+        "stripe-client",
+        client_args(keys, f"127.0.0.1:{sport}", f"127.0.0.1:{cport}", k, tls),
+    )
+    wait_listening(client, cport)
+    wait_subflows(client, sport, k)
+    return OverlayPair(server, client, sport, ("127.0.0.1", cport))
