@@ -263,6 +263,7 @@ class Session:
         self._clock = clock
         self.config = config
         self.is_client = is_client
+        self._data_overhead = wire.data_overhead(config.crc)
         self._scheduler: Scheduler = scheduler or make_scheduler(
             config.scheduler, config.chunk_size
         )
@@ -688,7 +689,6 @@ class Session:
         sf.inflight += size
         sf.sent.append((chunk.sent_at, chunk))
         pieces = wire.encode_data(st.id, chunk.offset, chunk.data, self.config.crc)
-        overhead = sum(len(p) for p in pieces) - size
         if is_retx or st.id == CONTROL_STREAM:
             # Control messages and second copies are overhead, not payload.
             if is_retx:
@@ -697,7 +697,7 @@ class Session:
             self._emit(sf, pieces, dummy=True)
         else:
             sf.tx_real += size
-            sf.tx_dummy += overhead
+            sf.tx_dummy += self._data_overhead
             sf.last_tx = chunk.sent_at
             self._owner.send(sf.sid, pieces)
 
@@ -711,12 +711,11 @@ class Session:
 
     def _on_frame(self, sf: _Subflow, frame: wire.Frame) -> None:
         if isinstance(frame, wire.Data):
-            overhead = wire.HEADER_SIZE + 12 + (wire.CRC_SIZE if self.config.crc else 0)
             if frame.stream_id == CONTROL_STREAM:
-                sf.rx_dummy += len(frame.payload) + overhead
+                sf.rx_dummy += len(frame.payload) + self._data_overhead
             else:
                 sf.rx_real += len(frame.payload)
-                sf.rx_dummy += overhead
+                sf.rx_dummy += self._data_overhead
             self._on_data(frame)
         elif isinstance(frame, wire.Ack):
             sf.rx_dummy += wire.HEADER_SIZE + 21 + 16 * len(frame.ranges)

@@ -60,6 +60,13 @@ DEFAULT_MAX_BODY = 256 * 1024
 
 _DATA_HEAD = struct.Struct(">IQ")
 _DATA_FULL_HEAD = struct.Struct(">BBIIQ")
+
+
+def data_overhead(crc: bool) -> int:
+    """Wire bytes a DATA frame adds to its payload (header, stream, offset, CRC)."""
+    return _DATA_FULL_HEAD.size + (CRC_SIZE if crc else 0)
+
+
 _ACK_HEAD = struct.Struct(">IQQB")
 _RANGE = struct.Struct(">QQ")
 _U64 = struct.Struct(">Q")

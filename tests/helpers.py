@@ -663,3 +663,36 @@ async def start_relay(cleanup: Cleanup, host: str, port: int) -> tuple[Any, int]
     listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(relay)
     cleanup.add(lambda: relay.close(listening), "stop fault relay")
     return relay, listening.getHost().port
+
+
+# ------------------------------------------------------------ digest sinks
+
+
+@implementer(IHalfCloseableProtocol)
+class DigestSink(Protocol):
+    """Reads everything; on the client's FIN answers ``<count> <sha256 hex>`` and closes."""
+
+    factory: CountingFactory
+
+    def connectionMade(self) -> None:
+        self.factory.made(self)
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.count += len(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(f"{self.count} {self.hash.hexdigest()}".encode())
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """Nothing more to write after the digest."""
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.factory.lost(self)
+
+
+class DigestSinkFactory(CountingFactory):
+    protocol = DigestSink

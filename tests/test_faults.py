@@ -23,6 +23,7 @@ import pytest_twisted
 from helpers import (
     SOCKET_TIMEOUT,
     CountingFactory,
+    DigestSinkFactory,
     DownloadFactory,
     EchoFactory,
     KiB,
@@ -44,9 +45,6 @@ from helpers import (
     wait_for,
 )
 from twisted.internet import defer
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
-from zope.interface import implementer
 
 from stripeproxy.driver import SessionDriver
 from stripeproxy.faults import FaultRelay, Link
@@ -500,36 +498,6 @@ async def test_server_restart_mid_transfer(cleanup, keys, tls, log_messages):
 
 
 # ---------------------------------- 8. both directions, a reset every second
-
-
-@implementer(IHalfCloseableProtocol)
-class DigestSink(Protocol):
-    """Reads everything; on the client's FIN answers ``<count> <sha256 hex>`` and closes."""
-
-    factory: CountingFactory
-
-    def connectionMade(self) -> None:
-        self.factory.made(self)
-        self.hash = hashlib.sha256()
-        self.count = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        self.hash.update(data)
-        self.count += len(data)
-
-    def readConnectionLost(self) -> None:
-        self.transport.write(f"{self.count} {self.hash.hexdigest()}".encode())
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason=None) -> None:
-        self.factory.lost(self)
-
-
-class DigestSinkFactory(CountingFactory):
-    protocol = DigestSink
 
 
 def upload(socks_port: int, target_port: int, size: int, seed: int) -> tuple[bytes, bytes]:

@@ -31,6 +31,7 @@ import pytest_twisted
 from helpers import (
     SOCKET_TIMEOUT,
     CountingFactory,
+    DigestSink,
     DownloadFactory,
     EchoFactory,
     KiB,
@@ -55,12 +56,9 @@ from helpers import (
 from python_socks import ProxyError
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.server import Site
 from twisted.web.static import File
-from zope.interface import implementer
 
 from stripeproxy import socks5, wire
 
@@ -120,38 +118,15 @@ async def test_download(cleanup, keys, tls):
 # ------------------------------------------------------ slow local readers
 
 
-@implementer(IHalfCloseableProtocol)
-class HeldSink(Protocol):
-    """A target that does not read until released, then answers with a digest.
-
-    It hashes everything it receives and, on the client's FIN, writes
-    ``<byte count> <sha256 hex>`` and closes.
-    """
-
-    factory: CountingFactory
+class HeldSink(DigestSink):
+    """A digest sink that does not read until released."""
 
     def connectionMade(self) -> None:
-        self.factory.made(self)
-        self.hash = hashlib.sha256()
-        self.count = 0
+        super().connectionMade()
         self.transport.pauseProducing()
 
     def release(self) -> None:
         self.transport.resumeProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.hash.update(data)
-        self.count += len(data)
-
-    def readConnectionLost(self) -> None:
-        self.transport.write(f"{self.count} {self.hash.hexdigest()}".encode())
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason=None) -> None:
-        self.factory.lost(self)
 
 
 class HeldSinkFactory(CountingFactory):
