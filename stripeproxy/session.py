@@ -903,6 +903,9 @@ class Session:
         for start, end in ack.ranges:
             for offset in [o for o in unacked if start <= o and o + len(unacked[o].data) <= end]:
                 self._acked(unacked.pop(offset), now)
+        # SACKs are firm (SPEC.md section 4): everything below the first chunk
+        # still unacknowledged has arrived, even if no cumulative ACK says so.
+        send.acked = max(send.acked, next(iter(unacked), send.next_offset))
         if ack.ranges and unacked:
             # Only a hole that holds back a real share of the window is worth a
             # second copy; a chunk merely a few ms late on a busy subflow is not.

@@ -6,7 +6,7 @@ import random
 
 from stripeproxy import wire
 from stripeproxy.session import KiB, MiB, SessionConfig
-from stripeproxy.testing import C2S, CLIENT, SERVER, SessionPair
+from stripeproxy.testing import C2S, CLIENT, S2C, SERVER, SessionPair
 
 
 def payload(seed: int, size: int) -> bytes:
@@ -119,3 +119,36 @@ def test_protocol_error_in_the_control_stream_ends_the_session() -> None:
     )
     assert (stream_id, 1) in [(s, c) for s, c in pair.server_owner.resets]
     pair.client.close("test over")
+
+
+def test_final_ack_lost_after_a_sack_still_finishes_the_stream() -> None:
+    """The tail was SACKed, the head arrived last, and the final cumulative ACK
+    died with its subflow after the server had already forgotten the stream:
+    the late copy's ACK covers only the head, and the client must still finish
+    (SACKs are firm, SPEC.md section 4).  Before that rule the client kept the
+    stream for ever."""
+    pair = SessionPair(k=2)
+    stream_id = pair.open_stream()
+    pair.settle()
+    pair.write(SERVER, stream_id, b"", eof=True)
+    pair.settle()
+    pair.write(CLIENT, stream_id, payload(5, 128 * KiB), eof=True)
+    # Chunk 0 went on subflow 1; chunk 1 and the FIN on subflow 2.
+    assert [f.offset for f in pair.in_flight(1, C2S)] == [0]  # type: ignore[attr-defined]
+    pair.deliver(2, C2S)
+    pair.advance(0.05)  # the ACK delay passes: an ACK with a SACK for chunk 1 goes out
+    pair.deliver_all(directions=[S2C])
+    send = pair.client._streams[stream_id].send
+    assert list(send.unacked) == [0] and send.acked == 0
+    pair.deliver(1, C2S)  # chunk 0 arrives: the server is done and forgets the stream
+    assert pair.server.stream_ids == []
+    carrier = [
+        s for s in pair.alive if any(isinstance(f, wire.Ack) for f in pair.in_flight(s, S2C))
+    ]
+    assert len(carrier) == 1
+    pair.kill_subflow(carrier[0])  # the final ACK is lost
+    pair.add_subflow()
+    run_until(pair, lambda: pair.client_owner.finished(stream_id))
+    assert pair.server_owner.data(stream_id) == payload(5, 128 * KiB)
+    pair.assert_idle()
+    pair.shutdown()
