@@ -39,6 +39,8 @@ class Options(SessionOptions):
         ["ca", None, None, "CA certificate(s) that verify the server (PEM)."],
         ["server-fingerprint", None, None, "Pinned SHA-256 fingerprint of the server cert."],
         ["server-name", None, None, "Name to verify in the server cert (default: its host)."],
+        ["client-cert", None, None, "Certificate (chain) to present for mutual TLS (PEM)."],
+        ["client-key", None, None, "Private key of --client-cert (PEM)."],
         ["socks-user", None, None, "Require this SOCKS5 username (RFC 1929)."],
         ["socks-password", None, None, "Password for --socks-user."],
         ["connect-timeout", None, 10.0, "Seconds to connect one subflow.", float],
@@ -64,6 +66,10 @@ class Options(SessionOptions):
             raise usage.UsageError(f"--key-id {self['key-id']!r} is not in --psk-file")
         if bool(self["socks-user"]) != bool(self["socks-password"]):
             raise usage.UsageError("--socks-user and --socks-password go together")
+        if bool(self["client-cert"]) != bool(self["client-key"]):
+            raise usage.UsageError("--client-cert and --client-key go together")
+        if self["no-tls"] and self["client-cert"]:
+            raise usage.UsageError("--client-cert needs TLS (drop --no-tls)")
         if not self["no-tls"]:
             if not (self["ca"] or self["server-fingerprint"]):
                 raise usage.UsageError(
@@ -93,8 +99,11 @@ def makeService(options: Options) -> IService:
     top = MultiService()
     creator = None
     if not options["no-tls"]:
+        identity = None
+        if options["client-cert"]:
+            identity = (options["client-cert"], options["client-key"])
         creator = client_tls_creator(
-            options["server-name"], options["ca"], options["server-fingerprint"]
+            options["server-name"], options["ca"], options["server-fingerprint"], identity
         )
     factory = SubflowFactory(overlay)
     for _ in range(options["subflows"]):

@@ -1,7 +1,8 @@
 """``stripe-keygen``: create the secrets a fresh overlay install needs.
 
 It writes a self-signed server certificate + key (clients pin its fingerprint)
-and the pre-shared key both ends load.  Existing files are kept unless
+and the pre-shared key both ends load; for mutual TLS, a client CA and one
+certificate per named client (``--client NAME``).  Existing files are kept unless
 ``--force`` so that re-running it never rotates a deployed key by accident.
 """
 
@@ -23,11 +24,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from stripeproxy.tls import certificate_fingerprint
 
-__all__ = ["generate_self_signed", "load_keys", "main", "write_psk"]
+__all__ = ["generate_self_signed", "issue_client_cert", "load_keys", "main", "write_psk"]
 
 CERT_FILE = "server.crt"
 KEY_FILE = "server.key"
 PSK_FILE = "psk.key"
+CLIENT_CA_CERT = "client-ca.crt"
+CLIENT_CA_KEY = "client-ca.key"
 
 PSK_BYTES = 32
 MIN_PSK_BYTES = 16
@@ -69,13 +72,79 @@ def generate_self_signed(hostname: str, days: int) -> tuple[bytes, bytes]:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
+    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    return cert_pem, key_pem
+
+
+def generate_client_ca(days: int) -> tuple[bytes, bytes]:
+    """A CA (certificate, key; PEM) that only signs client certificates.
+
+    The server trusts it with ``--client-ca``; keeping it apart from any
+    public CA means only certificates issued here open a subflow.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stripeproxy client CA")])
+    not_before = datetime.datetime.now(datetime.UTC) - _BACKDATE
+    usage = x509.KeyUsage(
+        digital_signature=False,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_before + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+def issue_client_cert(
+    ca_cert_pem: bytes, ca_key_pem: bytes, name: str, days: int
+) -> tuple[bytes, bytes]:
+    """A client certificate (clientAuth only) for ``name``, signed by the client CA."""
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the client CA key is not an EC key made by stripe-keygen")
+    key = ec.generate_private_key(ec.SECP256R1())
+    not_before = datetime.datetime.now(datetime.UTC) - _BACKDATE
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_before + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
 
 def _write_file(path: str, data: bytes, mode: int) -> None:
@@ -164,12 +233,50 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="certificate validity in days (default: %(default)s)",
     )
     parser.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also issue a mutual-TLS client certificate for NAME (repeatable; makes "
+        f"{CLIENT_CA_CERT} on first use)",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="replace existing files instead of keeping them"
     )
     args = parser.parse_args(argv)
     if args.days < 1:
         parser.error("--days must be at least 1")
+    for name in args.client:
+        if not _KEY_ID.fullmatch(name):
+            parser.error(f"--client {name!r}: use letters, digits and ._@- (at most 64)")
     return args
+
+
+def _client_certs(args: argparse.Namespace, created: list[str], kept: list[str]) -> None:
+    """The client CA (made once) and a certificate per ``--client`` name."""
+    ca_cert_path = os.path.join(args.dir, CLIENT_CA_CERT)
+    ca_key_path = os.path.join(args.dir, CLIENT_CA_KEY)
+    if os.path.exists(ca_cert_path) and os.path.exists(ca_key_path):
+        kept.append(ca_cert_path)  # re-issuing the CA would orphan every client
+    else:
+        ca_cert_pem, ca_key_pem = generate_client_ca(args.days)
+        _write_file(ca_key_path, ca_key_pem, 0o600)
+        _write_file(ca_cert_path, ca_cert_pem, 0o644)
+        created += [ca_cert_path, ca_key_path]
+    with open(ca_cert_path, "rb") as f:
+        ca_cert_pem = f.read()
+    with open(ca_key_path, "rb") as f:
+        ca_key_pem = f.read()
+    for name in args.client:
+        cert_path = os.path.join(args.dir, f"client-{name}.crt")
+        key_path = os.path.join(args.dir, f"client-{name}.key")
+        if os.path.exists(cert_path) and not args.force:
+            kept.append(cert_path)
+            continue
+        cert_pem, key_pem = issue_client_cert(ca_cert_pem, ca_key_pem, name, args.days)
+        _write_file(key_path, key_pem, 0o600)
+        _write_file(cert_path, cert_pem, 0o644)
+        created += [cert_path, key_path]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         write_psk(psk_path)
         created.append(psk_path)
+
+    if args.client:
+        _client_certs(args, created, kept)
 
     for path in created:
         sys.stdout.write(f"created: {path}\n")

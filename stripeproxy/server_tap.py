@@ -28,6 +28,7 @@ class Options(SessionOptions):
         ["listen", "l", "0.0.0.0:8443", "Subflow listener: host:port or endpoint string."],
         ["cert", None, None, "TLS certificate chain (PEM)."],
         ["key", None, None, "TLS private key (PEM)."],
+        ["client-ca", None, None, "Require client certificates issued by these CA(s) (PEM)."],
         ["subflows", None, 16, "Most subflows one session may have.", int],
         ["max-sessions", None, 256, "Most concurrent sessions.", int],
         ["max-streams", None, 1024, "Most open streams per session.", int],
@@ -62,6 +63,8 @@ class Options(SessionOptions):
         super().postOptions()
         if not self["no-tls"] and not (self["cert"] and self["key"]):
             raise usage.UsageError("--cert and --key are required unless --no-tls is given")
+        if self["no-tls"] and self["client-ca"]:
+            raise usage.UsageError("--client-ca needs TLS (drop --no-tls)")
         if min(self["subflows"], self["max-sessions"], self["max-streams"]) < 1:
             raise usage.UsageError("--subflows, --max-sessions and --max-streams must be >= 1")
 
@@ -84,7 +87,9 @@ def makeService(options: Options) -> IService:
     factory: SubflowFactory | TLSMemoryBIOFactory = subflows
     if not options["no-tls"]:
         factory = TLSMemoryBIOFactory(
-            load_server_tls(options["cert"], options["key"]), False, subflows
+            load_server_tls(options["cert"], options["key"], options["client-ca"]),
+            False,
+            subflows,
         )
     top = MultiService()
     # Stopped after the listener (services stop in reverse order).

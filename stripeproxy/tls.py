@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -74,21 +75,37 @@ def _read_private_key(path: str) -> PrivateKeyTypes:
         raise ValueError(f"{path}: not a usable unencrypted PEM private key ({e})") from e
 
 
-def load_server_tls(cert_path: str, key_path: str) -> IOpenSSLServerConnectionCreator:
-    """Server-side TLS options from PEM files (the cert file may hold a chain, leaf first).
+def _identity(cert_path: str, key_path: str) -> dict[str, Any]:
+    """``CertificateOptions`` arguments that present the chain in ``cert_path``.
 
-    The key is checked against the certificate here so that a mismatched pair
-    fails at startup instead of on the first incoming subflow.
+    The key is checked against the leaf here so that a mismatched pair fails
+    at startup instead of on the first subflow.
     """
     chain = _read_certificates(cert_path)
     key = _read_private_key(key_path)
     if chain[0].public_key() != key.public_key():
         raise ValueError(f"private key {key_path} does not match the certificate in {cert_path}")
+    return {
+        "privateKey": crypto.PKey.from_cryptography_key(key),
+        "certificate": crypto.X509.from_cryptography(chain[0]),
+        "extraCertChain": [crypto.X509.from_cryptography(c) for c in chain[1:]],
+    }
+
+
+def load_server_tls(
+    cert_path: str, key_path: str, client_ca_path: str | None = None
+) -> IOpenSSLServerConnectionCreator:
+    """Server-side TLS options from PEM files (the cert file may hold a chain, leaf first).
+
+    With ``client_ca_path`` (mutual TLS) every client must present a
+    certificate that chains to one of those CAs, or its handshake fails before
+    it can even try a pre-shared key.
+    """
+    extra: dict[str, Any] = {}
+    if client_ca_path is not None:
+        extra["trustRoot"] = trustRootFromCertificates(_load_ca(client_ca_path))
     return CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(chain[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
-        raiseMinimumTo=_MINIMUM_TLS,
+        **_identity(cert_path, key_path), raiseMinimumTo=_MINIMUM_TLS, **extra
     )
 
 
@@ -117,7 +134,11 @@ class _PinnedServerCreator:
     """
 
     def __init__(
-        self, hostname: str, pin: bytes, ca_certificates: list[Certificate] | None = None
+        self,
+        hostname: str,
+        pin: bytes,
+        ca_certificates: list[Certificate] | None = None,
+        identity: dict[str, Any] | None = None,
     ) -> None:
         self._hostname = hostname
         self._pin = pin
@@ -125,12 +146,11 @@ class _PinnedServerCreator:
         self._is_ip = _is_ip_literal(hostname)
         # CertificateOptions supplies Twisted's cipher list and TLS floor; with a
         # CA it also loads the store whose chain verdict arrives as `ok`.
-        if ca_certificates is None:
-            self._options = CertificateOptions(raiseMinimumTo=_MINIMUM_TLS)
-        else:
-            self._options = CertificateOptions(
-                trustRoot=trustRootFromCertificates(ca_certificates), raiseMinimumTo=_MINIMUM_TLS
-            )
+        # ``identity`` is our own certificate, for a server that wants one.
+        extra = dict(identity or {})
+        if ca_certificates is not None:
+            extra["trustRoot"] = trustRootFromCertificates(ca_certificates)
+        self._options = CertificateOptions(raiseMinimumTo=_MINIMUM_TLS, **extra)
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """A connection whose handshake fails unless the server presents the pinned cert."""
@@ -189,27 +209,35 @@ class _PinnedServerCreator:
 
 
 def client_tls_creator(
-    hostname: str, ca_path: str | None = None, fingerprint: str | None = None
+    hostname: str,
+    ca_path: str | None = None,
+    fingerprint: str | None = None,
+    client_cert: tuple[str, str] | None = None,
 ) -> IOpenSSLClientConnectionCreator:
     """Client-side TLS that always verifies the server.
 
     ``ca_path`` verifies chain + hostname; ``fingerprint`` pins the server's
     leaf certificate (hostname not checked); with both, both must pass.
+    ``client_cert`` is a (certificate, key) pair of PEM paths to present to a
+    server that requires mutual TLS.
     """
     pin = parse_fingerprint(fingerprint) if fingerprint is not None else None
+    identity = _identity(*client_cert) if client_cert is not None else None
     if ca_path is None:
         if pin is None:
             raise ValueError(
                 "the client must verify the server: give a CA file or a certificate fingerprint"
             )
-        return _PinnedServerCreator(hostname, pin)
+        return _PinnedServerCreator(hostname, pin, identity=identity)
     ca_certificates = _load_ca(ca_path)
     if pin is not None:
-        return _PinnedServerCreator(hostname, pin, ca_certificates)
+        return _PinnedServerCreator(hostname, pin, ca_certificates, identity)
+    # Our certificate goes in as plain CertificateOptions arguments, which,
+    # unlike optionsForClientTLS's clientCertificate, carry a chain too.
     return optionsForClientTLS(
         hostname,
         trustRoot=trustRootFromCertificates(ca_certificates),
-        extraCertificateOptions={"raiseMinimumTo": _MINIMUM_TLS},
+        extraCertificateOptions={"raiseMinimumTo": _MINIMUM_TLS, **(identity or {})},
     )
 
 

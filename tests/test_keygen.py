@@ -219,3 +219,32 @@ def test_named_keys_reject(tmp_path: Path, content: str, message: str) -> None:
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         load_keys(str(path))
+
+
+def test_client_certificates_chain_to_a_client_ca_made_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run(tmp_path, capsys, "--client", "alice")
+    ca_pem = (tmp_path / "client-ca.crt").read_bytes()
+    _run(tmp_path, capsys, "--client", "bob", "--client", "carol@site")
+    assert (tmp_path / "client-ca.crt").read_bytes() == ca_pem  # not re-issued
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert _mode(tmp_path / "client-ca.key") == 0o600
+    for name in ("alice", "bob", "carol@site"):
+        cert = x509.load_pem_x509_certificate((tmp_path / f"client-{name}.crt").read_bytes())
+        assert _mode(tmp_path / f"client-{name}.key") == 0o600
+        cert.verify_directly_issued_by(ca)
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == name
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(usage) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+        key = serialization.load_pem_private_key(
+            (tmp_path / f"client-{name}.key").read_bytes(), password=None
+        )
+        assert key.public_key() == cert.public_key()
+
+
+def test_client_names_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["--dir", str(tmp_path), "--client", "../escape"])
+    assert not (tmp_path / "client-ca.crt").exists()

@@ -12,6 +12,7 @@ from helpers import (
     Keys,
     in_thread,
     socks_connect,
+    socks_echo,
     socks_handshake_reply,
     start_client,
     start_pair,
@@ -24,6 +25,7 @@ from twisted.internet.task import Clock
 from stripeproxy import socks5
 from stripeproxy.guard import AuthGuard
 from stripeproxy.keygen import load_keys, write_psk
+from stripeproxy.keygen import main as keygen_main
 
 
 def test_auth_guard_counts_per_address_within_the_window() -> None:
@@ -162,3 +164,56 @@ def ping_pong(sock: socket.socket) -> bytes:
     with sock:
         sock.sendall(b"still here")
         return sock.recv(100)
+
+
+@pytest_twisted.ensureDeferred
+async def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_client_ca(
+    cleanup: Cleanup, keys: Keys, tmp_path: Path
+) -> None:
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    assert keygen_main(["--dir", str(ours), "--client", "alice"]) == 0
+    assert keygen_main(["--dir", str(theirs), "--client", "mallory"]) == 0
+    target = await start_target(cleanup, EchoFactory())
+    server = await start_server(cleanup, keys, True, ["--client-ca", str(ours / "client-ca.crt")])
+    alice = await start_client(
+        cleanup,
+        keys,
+        server.port,
+        True,
+        k=2,
+        extra=[
+            "--client-cert",
+            str(ours / "client-alice.crt"),
+            "--client-key",
+            str(ours / "client-alice.key"),
+        ],
+    )
+    await wait_for(
+        lambda: alice.driver is not None and len(alice.driver.subflows) == 2, "alice's subflows"
+    )
+    result = await in_thread(socks_echo, alice.socks_port, target.port, 1 << 20)
+    assert result.errors == [] and result.received_sha == result.sent_sha
+    # The right PSK is not enough without a certificate, or with one from another CA.
+    no_cert = await start_client(
+        cleanup, keys, server.port, True, k=1, extra=["--open-timeout", "1"]
+    )
+    foreign = await start_client(
+        cleanup,
+        keys,
+        server.port,
+        True,
+        k=1,
+        extra=[
+            "--open-timeout",
+            "1",
+            "--client-cert",
+            str(theirs / "client-mallory.crt"),
+            "--client-key",
+            str(theirs / "client-mallory.key"),
+        ],
+    )
+    for refused in (no_cert, foreign):
+        reply = await in_thread(socks_handshake_reply, refused.socks_port, "127.0.0.1", target.port)
+        assert reply == socks5.REPLY_GENERAL_FAILURE
+    assert len(server.sessions) == 1  # only alice's
+    assert target.factory.connections == 1
