@@ -30,6 +30,7 @@ class ClientSettings:
     open_timeout: float = 30.0
     handshake_timeout: float = 10.0
     congestion: str | None = None
+    max_frame: int = wire.DEFAULT_MAX_BODY
 
 
 class ClientSessionDriver(SessionDriver):
@@ -114,6 +115,7 @@ class ClientSubflow(SubflowProtocol):
             settings.reactor,
             settings.config.crc,
             settings.handshake_timeout,
+            max_body=settings.max_frame,
             congestion=settings.congestion,
         )
         self.overlay = overlay

@@ -94,6 +94,7 @@ def makeService(options: Options) -> IService:
         open_timeout=options["open-timeout"],
         handshake_timeout=options["handshake-timeout"],
         congestion=options["congestion"],
+        max_frame=options["max-frame"] * 1024,
     )
     overlay = Overlay(settings)
     top = MultiService()

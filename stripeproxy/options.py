@@ -16,12 +16,16 @@ from stripeproxy.keygen import load_keys
 from stripeproxy.scheduler import SCHEDULERS
 from stripeproxy.session import MiB, SessionConfig
 
+# A full 64 KiB chunk plus its DATA header must fit (SPEC.md section 3).
+MIN_MAX_FRAME_KIB = 65
+
 SESSION_PARAMETERS = [
     ["psk-file", None, None, "Pre-shared key file: one hex key, or 'NAME HEX' lines."],
     ["heartbeat", None, 5.0, "Seconds between PINGs on an idle subflow.", float],
     ["dead-interval", None, 15.0, "Seconds of silence after which a subflow is dropped.", float],
     ["grace", None, 30.0, "Seconds a session outlives its last subflow.", float],
     ["handshake-timeout", None, 10.0, "Seconds a new subflow has to authenticate.", float],
+    ["max-frame", None, 256, "KiB: largest frame body accepted from the peer (>= 65).", int],
     ["congestion", None, None, "TCP congestion control for subflows (e.g. cubic, bbr)."],
     ["metrics", None, None, "Serve Prometheus metrics on host:port (path /metrics)."],
     ["stream-window", None, 4.0, "MiB a stream may have in flight towards us (credit).", float],
@@ -62,6 +66,10 @@ class SessionOptions(usage.Options):
         ):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        if self["max-frame"] < MIN_MAX_FRAME_KIB:
+            raise usage.UsageError(
+                f"--max-frame must be at least {MIN_MAX_FRAME_KIB} (a 64 KiB DATA frame must fit)"
+            )
         if self["dead-interval"] <= self["heartbeat"]:
             raise usage.UsageError("--dead-interval must be longer than --heartbeat")
         if self["scheduler"] not in SCHEDULERS:

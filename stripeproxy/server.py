@@ -44,6 +44,8 @@ class ServerSettings:
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0
     congestion: str | None = None
+    max_frame: int = wire.DEFAULT_MAX_BODY
+    max_handshakes: int = 256
     policy: TargetPolicy = field(default_factory=TargetPolicy)
     auth_failure_limit: int = 10
     auth_failure_window: float = 60.0
@@ -196,6 +198,8 @@ class SessionRegistry:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.sessions: dict[bytes, ServerSessionDriver] = {}
+        self.handshaking = 0  # subflows connected but not yet authenticated
+        self.handshakes_full = False  # the limit was hit and logged; reset below it
         self.guard = AuthGuard(
             settings.reactor, settings.auth_failure_limit, settings.auth_failure_window
         )
@@ -239,19 +243,49 @@ class ServerSubflow(SubflowProtocol):
             settings.reactor,
             settings.config.crc,
             settings.handshake_timeout,
+            max_body=settings.max_frame,
             congestion=settings.congestion,
         )
         self.settings = settings
         self.registry = registry
         self.nonce = handshake.new_nonce()
+        self._handshaking = False
 
     def start_handshake(self) -> None:
-        if self.registry.guard.blocked(self.peer_host):
-            self._gone = True
-            assert self.transport is not None
-            self.transport.abortConnection()  # too many failures: not even a challenge
+        registry = self.registry
+        if registry.guard.blocked(self.peer_host):
+            self.abort()  # too many failures: not even a challenge
             return
+        if registry.handshaking >= self.settings.max_handshakes:
+            # A flood of connections that never authenticate must not grow
+            # memory without bound; established subflows are not affected.
+            if not registry.handshakes_full:
+                registry.handshakes_full = True
+                self.log.warn(
+                    "{count} subflows are authenticating at once: refusing new "
+                    "connections until some finish (--max-handshakes)",
+                    count=registry.handshaking,
+                )
+            self.abort()
+            return
+        registry.handshaking += 1
+        self._handshaking = True
         self.write_frame(wire.encode_challenge(self.nonce, self.crc))
+
+    def _handshake_over(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            registry = self.registry
+            registry.handshaking -= 1
+            if registry.handshaking < self.settings.max_handshakes // 2:
+                registry.handshakes_full = False
+
+    def joined(self, driver: SessionDriver) -> None:
+        self._handshake_over()
+        super().joined(driver)
+
+    def lost(self, reason: Failure | None) -> None:
+        self._handshake_over()
 
     @property
     def peer_host(self) -> str:

@@ -32,6 +32,7 @@ class Options(SessionOptions):
         ["subflows", None, 16, "Most subflows one session may have.", int],
         ["max-sessions", None, 256, "Most concurrent sessions.", int],
         ["max-streams", None, 1024, "Most open streams per session.", int],
+        ["max-handshakes", None, 256, "Most subflows authenticating at once.", int],
         ["connect-timeout", None, 10.0, "Seconds to connect to a target.", float],
         ["drain-timeout", None, 10.0, "On SIGTERM, seconds open streams get to finish.", float],
         ["auth-failures", None, 10, "Failed logins from one address before it is refused.", int],
@@ -65,8 +66,10 @@ class Options(SessionOptions):
             raise usage.UsageError("--cert and --key are required unless --no-tls is given")
         if self["no-tls"] and self["client-ca"]:
             raise usage.UsageError("--client-ca needs TLS (drop --no-tls)")
-        if min(self["subflows"], self["max-sessions"], self["max-streams"]) < 1:
-            raise usage.UsageError("--subflows, --max-sessions and --max-streams must be >= 1")
+        limits = ("subflows", "max-sessions", "max-streams", "max-handshakes")
+        for name in limits:
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
 
 
 def makeService(options: Options) -> IService:
@@ -79,6 +82,8 @@ def makeService(options: Options) -> IService:
         connect_timeout=options["connect-timeout"],
         handshake_timeout=options["handshake-timeout"],
         congestion=options["congestion"],
+        max_frame=options["max-frame"] * 1024,
+        max_handshakes=options["max-handshakes"],
         policy=TargetPolicy(allow=options["allow"], deny=options["deny"]),
         auth_failure_limit=options["auth-failures"],
         auth_failure_window=options["auth-window"],

@@ -68,7 +68,9 @@ class SubflowProtocol(Protocol):
     ) -> None:
         self.clock = clock
         self.crc = crc
-        self.decoder = wire.FrameDecoder(crc, max_body)
+        # Small until the peer has authenticated (SPEC.md section 3).
+        self.decoder = wire.FrameDecoder(crc, wire.HANDSHAKE_MAX_BODY)
+        self.max_body = max_body
         self.handshake_timeout = handshake_timeout
         self.congestion = congestion
         self.driver: SessionDriver | None = None
@@ -95,27 +97,29 @@ class SubflowProtocol(Protocol):
         if self._gone:
             return
         try:
+            # During the handshake, one frame at a time: the frames behind the
+            # one that completes it are decoded under the session's frame limit.
+            while self.driver is None:
+                frames = self.decoder.feed(data, max_frames=1)
+                data = b""
+                if not frames:
+                    return
+                self.handshake_frame(frames[0])
+                if self._gone:
+                    return
             frames = self.decoder.feed(data)
         except wire.ProtocolError as e:
             self.fail(str(e))
             return
-        for i, frame in enumerate(frames):
-            if self.driver is not None:
-                self.driver.frames(self.sid, frames[i:] if i else frames)
-                return
-            try:
-                self.handshake_frame(frame)
-            except wire.ProtocolError as e:
-                self.fail(str(e))
-                return
-            if self._gone:
-                return
+        if frames:
+            self.driver.frames(self.sid, frames)
 
     def joined(self, driver: SessionDriver) -> None:
         """The handshake succeeded: from now on frames go to the session."""
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
         self._handshake_timer = None
+        self.decoder.max_body = self.max_body
         self.driver = driver
         assert self.transport is not None
         self.transport.registerProducer(self, True)

@@ -57,6 +57,8 @@ GOAWAY_SHUTDOWN = 1
 GOAWAY_PROTOCOL_ERROR = 2
 
 DEFAULT_MAX_BODY = 256 * 1024
+# Handshake frames are small; an unauthenticated peer gets no bigger buffer.
+HANDSHAKE_MAX_BODY = 2048
 
 _DATA_HEAD = struct.Struct(">IQ")
 _DATA_FULL_HEAD = struct.Struct(">BBIIQ")
@@ -288,7 +290,9 @@ class FrameDecoder:
         self._buf = bytearray()
         self._trailer = CRC_SIZE if crc else 0
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes, max_frames: int = 0) -> list[Frame]:
+        """Buffer ``data`` and decode the complete frames (at most ``max_frames``
+        if that is positive; the rest stay buffered for the next call)."""
         buf = self._buf
         buf += data
         frames: list[Frame] = []
@@ -317,6 +321,8 @@ class FrameDecoder:
                 else:
                     frames.append(_decode_body(ftype, bytes(view[body_start:body_end])))
                 pos += total
+                if len(frames) == max_frames:
+                    break
         if pos:
             del buf[:pos]
         return frames

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +29,7 @@ from python_socks.sync import Proxy
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -696,3 +700,121 @@ class DigestSink(Protocol):
 
 class DigestSinkFactory(CountingFactory):
     protocol = DigestSink
+
+
+# ------------------------------------------------------------ real processes
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Process:
+    """A child process whose output goes to a file (a pipe could fill and stall it)."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL; blocking (run it in a thread)."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+    async def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        """The first match of ``pattern`` in the output; fail if the process exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.output())
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited ({self.popen.returncode}) before printing "
+                    f"{pattern!r}:\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} from {self.name}:\n{self.output()}")
+            await sleep(0.05)
+
+
+def spawn(cleanup: Cleanup, name: str, argv: list[str], directory: Path) -> Process:
+    """Start ``argv`` with its output in ``directory``; cleanup stops it whatever happens."""
+    log = directory / f"{name}.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+            env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"),
+        )
+    process = Process(name, popen, log)
+    cleanup.add(lambda: in_thread(process.stop), f"stop {name}")
+    return process
+
+
+async def wait_listening(process: Process, port: int, timeout: float = 15.0) -> None:
+    """Wait until ``port`` accepts a connection (HAProxy prints nothing when ready)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2)
+            protocol = await connectProtocol(endpoint, Protocol())
+        except Exception as e:
+            if process.popen.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{process.name} is not listening:\n{process.output()}") from e
+            await sleep(0.05)
+        else:
+            protocol.transport.abortConnection()
+            return
+
+
+@dataclass
+class Instance:
+    """One stripe-server process: its subflow port and its metrics port."""
+
+    process: Process
+    port: int = 0
+    metrics_port: int = 0
+
+
+async def start_instance(
+    cleanup: Cleanup, keys: Keys, name: str, directory: Path, extra: list[str] | None = None
+) -> Instance:
+    """A real ``twistd stripe-server`` process with TLS and a metrics listener."""
+    argv = [
+        str(VENV_BIN / "twistd"),
+        "--nodaemon",
+        "--pidfile=",
+        "--logfile",
+        "-",
+        "stripe-server",
+        "--no-tui",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--cert",
+        keys.cert,
+        "--key",
+        keys.key,
+        "--psk-file",
+        keys.psk,
+        "--metrics",
+        "tcp:0:interface=127.0.0.1",
+        *(extra or []),
+    ]
+    instance = Instance(spawn(cleanup, name, argv, directory))
+    match = await instance.process.wait_for(r"SubflowFactory \(TLS\) starting on (\d+)")
+    instance.port = int(match[1])
+    match = await instance.process.wait_for(r"Site starting on (\d+)")
+    instance.metrics_port = int(match[1])
+    return instance

@@ -15,12 +15,10 @@ and when an instance dies its clients rebuild their sessions on a live one.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -29,29 +27,30 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from helpers import (
+    REPO,
+    VENV_BIN,
     Cleanup,
     Client,
     EchoFactory,
+    Instance,
     Keys,
     MiB,
     free_port,
     in_thread,
     sleep,
     socks_echo,
+    spawn,
     start_client,
+    start_instance,
     start_target,
+    wait_listening,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 
 from stripeproxy import client_tap, server_tap
 
-REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 SYSTEMD = DEPLOY / "systemd"
-VENV_BIN = Path(sys.executable).parent
 # Debian installs it in /usr/sbin, which a non-root PATH may lack.
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -212,114 +211,6 @@ def test_env_examples_are_shell_free() -> None:
 
 
 # ------------------------------------------------------- scale-out: HAProxy
-
-
-@dataclass
-class Process:
-    """A child process whose output goes to a file (a pipe could fill and stall it)."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL; blocking (run it in a thread)."""
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-
-    async def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
-        """The first match of ``pattern`` in the output; fail if the process exits first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.output())
-            if match:
-                return match
-            if self.popen.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited ({self.popen.returncode}) before printing "
-                    f"{pattern!r}:\n{self.output()}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {pattern!r} from {self.name}:\n{self.output()}")
-            await sleep(0.05)
-
-
-def spawn(cleanup: Cleanup, name: str, argv: list[str], directory: Path) -> Process:
-    """Start ``argv`` with its output in ``directory``; cleanup stops it whatever happens."""
-    log = directory / f"{name}.log"
-    with log.open("wb") as out:
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=directory,
-            env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"),
-        )
-    process = Process(name, popen, log)
-    cleanup.add(lambda: in_thread(process.stop), f"stop {name}")
-    return process
-
-
-async def wait_listening(process: Process, port: int, timeout: float = 15.0) -> None:
-    """Wait until ``port`` accepts a connection (HAProxy prints nothing when ready)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2)
-            protocol = await connectProtocol(endpoint, Protocol())
-        except Exception as e:
-            if process.popen.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{process.name} is not listening:\n{process.output()}") from e
-            await sleep(0.05)
-        else:
-            protocol.transport.abortConnection()
-            return
-
-
-@dataclass
-class Instance:
-    """One stripe-server process: its subflow port and its metrics port."""
-
-    process: Process
-    port: int = 0
-    metrics_port: int = 0
-
-
-async def start_instance(cleanup: Cleanup, keys: Keys, name: str, directory: Path) -> Instance:
-    argv = [
-        str(VENV_BIN / "twistd"),
-        "--nodaemon",
-        "--pidfile=",
-        "--logfile",
-        "-",
-        "stripe-server",
-        "--no-tui",
-        "--listen",
-        "tcp:0:interface=127.0.0.1",
-        "--cert",
-        keys.cert,
-        "--key",
-        keys.key,
-        "--psk-file",
-        keys.psk,
-        "--metrics",
-        "tcp:0:interface=127.0.0.1",
-    ]
-    instance = Instance(spawn(cleanup, name, argv, directory))
-    match = await instance.process.wait_for(r"SubflowFactory \(TLS\) starting on (\d+)")
-    instance.port = int(match[1])
-    match = await instance.process.wait_for(r"Site starting on (\d+)")
-    instance.metrics_port = int(match[1])
-    return instance
 
 
 def haproxy_config(shipped: str, port: int, backends: list[int]) -> str:

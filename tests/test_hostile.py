@@ -6,22 +6,31 @@ from __future__ import annotations
 import random
 import resource
 import socket
+import struct
+from pathlib import Path
 
+import pytest
 import pytest_twisted
 from helpers import (
+    SOCKET_TIMEOUT,
     Cleanup,
     EchoFactory,
     Keys,
     in_thread,
     socks_echo,
+    start_client,
+    start_instance,
     start_pair,
+    start_server,
     start_target,
     wait_for,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.python.usage import UsageError
 
-from stripeproxy import wire
+from stripeproxy import server_tap, wire
+from stripeproxy.options import MIN_MAX_FRAME_KIB
 from stripeproxy.session import MiB
 from stripeproxy.testing import C2S, CLIENT, S2C, SessionPair
 
@@ -143,3 +152,98 @@ def test_random_frames_never_crash_the_core(
         pair.inject(alive[0], direction, [frame])  # type: ignore[arg-type]
         pair.deliver_all()
     pair.shutdown()
+
+
+def oversized_auth(port: int) -> bytes:
+    """Read the CHALLENGE, then announce an AUTH body far beyond any handshake
+    frame; return what the server sends before closing (b"" on a reset)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT) as s:
+        decoder = wire.FrameDecoder(crc=True)
+        frames: list[wire.Frame] = []
+        while not frames:
+            frames = decoder.feed(s.recv(4096))
+        assert isinstance(frames[0], wire.Challenge)
+        s.sendall(struct.pack(">BBI", wire.T_AUTH, 0, 100_000) + b"\0" * 1000)
+        try:
+            return s.recv(4096)
+        except ConnectionResetError:
+            return b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_unauthenticated_peer_cannot_announce_a_big_frame(
+    cleanup: Cleanup, keys: Keys, log_messages: list[str]
+) -> None:
+    # A long handshake timeout: the close must come from the frame limit.
+    server = await start_server(cleanup, keys, False, ["--handshake-timeout", "60"])
+    assert await in_thread(oversized_auth, server.port) == b""
+    assert any(f"exceeds {wire.HANDSHAKE_MAX_BODY}" in m for m in log_messages), (
+        "the server names the limit"
+    )
+    assert server.sessions == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_smallest_max_frame_still_carries_full_chunks(cleanup: Cleanup, keys: Keys) -> None:
+    target = await start_target(cleanup, EchoFactory())
+    limit = ["--max-frame", str(MIN_MAX_FRAME_KIB)]
+    pair = await start_pair(cleanup, keys, True, k=2, client_extra=limit, server_extra=limit)
+    result = await in_thread(socks_echo, pair.socks_port, target.port, 8 * MiB, 3)
+    assert result.errors == [] and result.received_sha == result.sent_sha
+    with pytest.raises(UsageError, match="--max-frame must be at least"):
+        server_tap.Options().parseOptions(
+            ["--no-tls", "--psk-file", keys.psk, "--max-frame", str(MIN_MAX_FRAME_KIB - 1)]
+        )
+
+
+def vm_kib(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` memory figure (VmRSS, VmHWM), KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")
+
+
+# What the server may add to its footprint here: one session's receive window
+# (32 MiB by default) and send buffers, plus a bounded cost per connection
+# still authenticating (at most --max-handshakes of them).
+FLOOD_MEMORY_MIB = 64
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_process_keeps_its_memory_bound_under_a_flood(
+    cleanup: Cleanup, keys: Keys, tmp_path: Path
+) -> None:
+    """A real ``twistd stripe-server`` process: 300 slowloris connections (more
+    than --max-handshakes) and 1,000 garbage connections while a 64 MiB echo
+    runs through it.  The echo is bit-exact, the flood is refused with one log
+    line, and the process's peak RSS stays within a fixed bound."""
+    target = await start_target(cleanup, EchoFactory())
+    options = ["--handshake-timeout", "2", "--max-handshakes", "64"]
+    instance = await start_instance(cleanup, keys, "server", tmp_path, options)
+    pid = instance.process.popen.pid
+    client = await start_client(cleanup, keys, instance.port, True, k=4)
+    await wait_for(
+        lambda: client.driver is not None and len(client.driver.subflows) == 4, "4 subflows"
+    )
+    baseline = vm_kib(pid, "VmRSS")
+    transfer = in_thread(socks_echo, client.socks_port, target.port, 64 * MiB, 5)
+    lorises = await in_thread(open_slowloris, [instance.port], 300)
+    garbage = [in_thread(throw_garbage, [instance.port], 500, seed) for seed in (3, 4)]
+    for d in garbage:
+        await d
+    result = await transfer
+    assert result.errors == []
+    assert result.received == 64 * MiB and result.received_sha == result.sent_sha
+    await instance.process.wait_for("refusing new connections until some finish")
+    await wait_for(
+        lambda: all(closed_by_peer(s) for s in lorises), "slowloris connections to be closed"
+    )
+    for s in lorises:
+        s.close()
+    assert client.driver is not None and len(client.driver.subflows) == 4
+    grown = (vm_kib(pid, "VmHWM") - baseline) / 1024
+    print(f"\nserver process peak RSS {grown:.1f} MiB above its idle session")
+    assert grown < FLOOD_MEMORY_MIB, f"peak RSS grew by {grown:.1f} MiB"
+    assert "Traceback" not in instance.process.output()

@@ -251,6 +251,19 @@ def test_partial_frame_is_buffered_until_complete() -> None:
     assert decoder.buffered == 3
 
 
+@pytest.mark.parametrize("crc", MODES)
+def test_max_frames_decodes_one_at_a_time_under_the_limit_in_force(crc: bool) -> None:
+    """The handshake decodes one frame, then raises the limit for the rest."""
+    big = b"d" * (64 * 1024)
+    data = wire.encode_ping(7, crc) + b"".join(wire.encode_data(1, 0, big, crc))
+    decoder = FrameDecoder(crc, wire.HANDSHAKE_MAX_BODY)
+    assert decoder.feed(data, max_frames=1) == [Ping(7)]  # the DATA is not judged yet
+    decoder.max_body = wire.DEFAULT_MAX_BODY
+    assert decoder.feed(b"") == [Data(1, 0, big)]
+    with pytest.raises(ProtocolError):  # all at once, the DATA breaks the handshake limit
+        FrameDecoder(crc, wire.HANDSHAKE_MAX_BODY).feed(data)
+
+
 ACK_HEAD = struct.Struct(">IQQB")
 MALFORMED = [
     pytest.param(wire.T_DATA, struct.pack(">IQ", 1, 0), "without payload", id="data-empty"),
