@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from stripeproxy import wire
-from stripeproxy.session import Session, SessionConfig
+from stripeproxy.session import RESET_IDLE, Session, SessionConfig
 
 if TYPE_CHECKING:
     from stripeproxy.local import LocalStream
@@ -131,6 +131,12 @@ class SessionDriver:
             stream.half_close_local()
 
     def stream_reset(self, stream_id: int, code: int) -> None:
+        if code == RESET_IDLE:
+            self.log.info(
+                "session {session}: stream {stream} idle too long: reset",
+                session=self.label,
+                stream=stream_id,
+            )
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
             stream.abort_local()

@@ -24,6 +24,7 @@ SESSION_PARAMETERS = [
     ["heartbeat", None, 5.0, "Seconds between PINGs on an idle subflow.", float],
     ["dead-interval", None, 15.0, "Seconds of silence after which a subflow is dropped.", float],
     ["grace", None, 30.0, "Seconds a session outlives its last subflow.", float],
+    ["idle-timeout", None, 3600.0, "Seconds a silent stream lives (0: for ever).", float],
     ["handshake-timeout", None, 10.0, "Seconds a new subflow has to authenticate.", float],
     ["max-frame", None, 256, "KiB: largest frame body accepted from the peer (>= 65).", int],
     ["congestion", None, None, "TCP congestion control for subflows (e.g. cubic, bbr)."],
@@ -66,6 +67,8 @@ class SessionOptions(usage.Options):
         ):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        if self["idle-timeout"] < 0:
+            raise usage.UsageError("--idle-timeout must be 0 (off) or positive")
         if self["max-frame"] < MIN_MAX_FRAME_KIB:
             raise usage.UsageError(
                 f"--max-frame must be at least {MIN_MAX_FRAME_KIB} (a 64 KiB DATA frame must fit)"
@@ -107,6 +110,7 @@ class SessionOptions(usage.Options):
             heartbeat_interval=self["heartbeat"],
             dead_interval=self["dead-interval"],
             grace_period=self["grace"],
+            idle_timeout=self["idle-timeout"],
             crc=bool(self["no-tls"]),
             stream_window=int(self["stream-window"] * MiB),
             session_window=int(self["session-window"] * MiB),

@@ -36,6 +36,7 @@ CONTROL_WINDOW = 256 * KiB
 GOODPUT_SAMPLE = 0.1  # seconds of ACKs per goodput sample
 INITIAL_WINDOW = 256 * KiB
 RESET_GENERAL = 0x01
+RESET_IDLE = 0x06  # SOCKS5 "TTL expired": the stream was idle too long
 
 
 class SessionError(ProtocolError):
@@ -60,6 +61,9 @@ class SessionConfig:
     initial_rto: float = 1.0
     max_rto: float = 10.0
     max_streams: int = 1024
+    # Seconds without a byte from or to the local peer before a stream is
+    # reset; 0 disables.
+    idle_timeout: float = 0.0
     crc: bool = False
     # "least-queued" (the plain policy) or "adaptive" (goodput-weighted; the
     # taps' default).  See scheduler.py.
@@ -236,15 +240,18 @@ class _Recv:
 
 
 class _Stream:
-    __slots__ = ("ack_pending", "id", "is_open", "ready", "recv", "send")
+    __slots__ = ("ack_pending", "active", "id", "is_open", "ready", "recv", "send")
 
-    def __init__(self, stream_id: int, send_limit: int, recv_window: int, is_open: bool) -> None:
+    def __init__(
+        self, stream_id: int, send_limit: int, recv_window: int, is_open: bool, now: float
+    ) -> None:
         self.id = stream_id
         self.send = _Send(send_limit)
         self.recv = _Recv(recv_window)
         self.is_open = is_open
         self.ready = False  # queued in Session._ready
         self.ack_pending = False  # queued in Session._acks
+        self.active = now  # the last byte from or to the local peer (idle timeout)
 
 
 class Session:
@@ -292,7 +299,10 @@ class Session:
         self._ack_turn = 0
         self._retired = dict.fromkeys(("tx_real", "tx_dummy", "rx_real", "rx_dummy"), 0)
         self._control_decoder = control.ControlDecoder()
-        control_stream = _Stream(CONTROL_STREAM, CONTROL_WINDOW, CONTROL_WINDOW, True)
+        self._idle_deadline: float | None = None
+        control_stream = _Stream(
+            CONTROL_STREAM, CONTROL_WINDOW, CONTROL_WINDOW, True, clock.seconds()
+        )
         self._streams[CONTROL_STREAM] = control_stream
 
     # ------------------------------------------------------------------ queries
@@ -345,6 +355,8 @@ class Session:
             deadlines.append(self._ack_deadline)
         if self._grace_deadline is not None:
             deadlines.append(self._grace_deadline)
+        if self._idle_deadline is not None:
+            deadlines.append(self._idle_deadline)
         cfg = self.config
         for sf in self._subflow_list:
             deadlines.append(
@@ -479,6 +491,7 @@ class Session:
         send = st.send
         if send.fin_offset is not None:
             raise RuntimeError("data after local EOF")
+        st.active = self._clock.seconds()
         self._enqueue(st, data)
         if send.queued >= self.config.send_buffer and not send.source_paused:
             send.source_paused = True
@@ -538,6 +551,8 @@ class Session:
                     self._maybe_reinject(st, unacked[next(iter(unacked))], now)
         if self._ack_deadline is not None and now >= self._ack_deadline:
             self._flush_acks(force=True)
+        if self._idle_deadline is not None and now >= self._idle_deadline:
+            self._reset_idle(now)
         self._service()
 
     def go_away(self, reason: str) -> None:
@@ -557,6 +572,7 @@ class Session:
         self.closed = True
         self._grace_deadline = None
         self._ack_deadline = None
+        self._idle_deadline = None
         self._reinject_checks.clear()
         for stream_id in self.stream_ids:
             self._drop_stream(stream_id)
@@ -570,16 +586,44 @@ class Session:
     # ---------------------------------------------------------------- internals
 
     def _add_stream(self, stream_id: int, is_open: bool) -> _Stream:
-        st = _Stream(stream_id, INITIAL_WINDOW, INITIAL_WINDOW, is_open)
+        now = self._clock.seconds()
+        st = _Stream(stream_id, INITIAL_WINDOW, INITIAL_WINDOW, is_open, now)
         self._streams[stream_id] = st
         self._data_streams += 1
+        timeout = self.config.idle_timeout
+        if timeout > 0 and self._idle_deadline is None:
+            self._idle_deadline = now + timeout
         return st
+
+    def _reset_idle(self, now: float) -> None:
+        """Reset the streams idle for the timeout; plan the next check.
+
+        One deadline for all streams, checked no more than once a second (or
+        once per timeout, if shorter): per-stream timers would cost a heap
+        operation per byte read, and the limit needs no precision.
+        """
+        timeout = self.config.idle_timeout
+        oldest: float | None = None
+        for stream_id in self.stream_ids:
+            active = self._streams[stream_id].active
+            if now >= active + timeout:
+                self._drop_stream(stream_id)
+                self._send_control(control.Rst(stream_id, RESET_IDLE))
+                self._owner.stream_reset(stream_id, RESET_IDLE)
+            elif oldest is None or active < oldest:
+                oldest = active
+        if oldest is None:
+            self._idle_deadline = None
+        else:
+            self._idle_deadline = max(oldest + timeout, now + min(1.0, timeout))
 
     def _drop_stream(self, stream_id: int) -> bool:
         st = self._streams.pop(stream_id, None) if stream_id != CONTROL_STREAM else None
         if st is None:
             return False
         self._data_streams -= 1
+        if not self._data_streams:
+            self._idle_deadline = None
         self._reinject_checks.pop(st, None)
         for chunk in st.send.unacked.values():
             self._release(chunk)
@@ -793,6 +837,7 @@ class Session:
             st.recv.held.extend(pieces)
             st.recv.held_bytes += sum(len(p) for p in pieces)
             return
+        st.active = self._clock.seconds()
         for piece in pieces:
             if st.id not in self._streams:
                 return  # the owner reset the stream while we were delivering

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest_twisted
@@ -11,6 +12,7 @@ from helpers import (
     EchoFactory,
     Keys,
     in_thread,
+    sleep,
     socks_connect,
     socks_echo,
     socks_handshake_reply,
@@ -217,3 +219,35 @@ async def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_client
         assert reply == socks5.REPLY_GENERAL_FAILURE
     assert len(server.sessions) == 1  # only alice's
     assert target.factory.connections == 1
+
+
+def idle_then_talk(socks_port: int, target_port: int, idle: float) -> bytes:
+    """Connect, say nothing for ``idle`` seconds, then try an echo; returns
+    what came back (b"" when the proxy closed or reset the connection)."""
+    sock = socks_connect(socks_port, "127.0.0.1", target_port)
+    with sock:
+        time.sleep(idle)
+        try:
+            sock.sendall(b"ping")
+            return sock.recv(4)
+        except OSError:
+            return b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_timeout_resets_only_the_silent_stream(
+    cleanup: Cleanup, keys: Keys, log_messages: list[str]
+) -> None:
+    target = await start_target(cleanup, EchoFactory())
+    pair = await start_pair(cleanup, keys, False, k=2, server_extra=["--idle-timeout", "1"])
+    silent = in_thread(idle_then_talk, pair.socks_port, target.port, 3.0)
+    # A stream that keeps talking (every 0.2 s, for longer than the timeout) lives.
+    talker = await in_thread(socks_connect, pair.socks_port, "127.0.0.1", target.port)
+    with talker:
+        for _ in range(15):
+            talker.sendall(b"ping")
+            assert await in_thread(talker.recv, 4) == b"ping"
+            await sleep(0.2)
+    assert await silent == b""
+    assert any("idle too long: reset" in m for m in log_messages)
+    assert len(pair.server_driver().subflows) == 2  # the session is untouched

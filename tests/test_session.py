@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 
 from stripeproxy import control, wire
 from stripeproxy import session as session_module
-from stripeproxy.session import INITIAL_WINDOW, RESET_GENERAL, KiB, MiB, SessionConfig
+from stripeproxy.session import (
+    INITIAL_WINDOW,
+    RESET_GENERAL,
+    RESET_IDLE,
+    KiB,
+    MiB,
+    SessionConfig,
+)
 from stripeproxy.testing import C2S, CLIENT, S2C, SERVER, FakeOwner, SessionPair, Side
 
 CHUNK = 64 * KiB
@@ -491,6 +498,34 @@ def test_server_reset_reaches_the_client() -> None:
     assert pair.server_owner.resets == []
     assert pair.client.stream_ids == []
     assert pair.server.stream_ids == []
+    finish(pair)
+
+
+def test_idle_stream_is_reset_and_busy_streams_are_not() -> None:
+    """The server's idle timeout resets the silent stream (RST 0x06 to both
+    owners) while a stream that keeps talking, however slowly, lives on."""
+    pair = SessionPair(k=2, server_config=SessionConfig(idle_timeout=10.0))
+    busy, silent = opened(pair), opened(pair)
+    for second in range(1, 25):
+        pair.advance(1.0)
+        if second % 3 == 0:  # a trickle every 3 s, alternating directions
+            pair.write(CLIENT if second % 2 else SERVER, busy, b"x")
+        pair.settle()
+        if second == 10:
+            assert pair.server_owner.resets == []  # not before the timeout
+    assert pair.server_owner.resets == [(silent, RESET_IDLE)]
+    assert pair.client_owner.resets == [(silent, RESET_IDLE)]
+    assert pair.client.stream_ids == [busy] and pair.server.stream_ids == [busy]
+    pair.write(CLIENT, busy, b"", eof=True)
+    pair.write(SERVER, busy, b"", eof=True)
+    pair.settle()
+    assert pair.server.stream_ids == []
+    # No stream, no idle check: the timer is back to heartbeats only.
+    heartbeat = (
+        min(pair.server.subflow(s).last_tx for s in pair.server.subflow_ids)
+        + pair.server.config.heartbeat_interval
+    )
+    assert pair.server.next_deadline() == heartbeat
     finish(pair)
 
 
