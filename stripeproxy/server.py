@@ -46,6 +46,8 @@ class ServerSettings:
     congestion: str | None = None
     max_frame: int = wire.DEFAULT_MAX_BODY
     max_handshakes: int = 256
+    # Bytes all sessions together may hold in buffers (see SessionRegistry).
+    memory_limit: int = 1024 * 1024 * 1024
     policy: TargetPolicy = field(default_factory=TargetPolicy)
     auth_failure_limit: int = 10
     auth_failure_window: float = 60.0
@@ -220,10 +222,27 @@ class SessionRegistry:
             return None, wire.REJECT_TOO_MANY_SESSIONS
         driver = ServerSessionDriver(self.settings, self, key)
         self.sessions[key] = driver
+        self._share_memory()
         return driver, wire.WELCOME_CREATED
 
     def forget(self, driver: SessionDriver) -> None:
-        self.sessions.pop(driver.session_id, None)
+        if self.sessions.pop(driver.session_id, None) is not None:
+            self._share_memory()
+
+    def _share_memory(self) -> None:
+        """Split ``--memory-limit`` evenly among the live sessions.
+
+        Each session's budget bounds both the credit it hands out and what it
+        keeps unacknowledged in flight, so all sessions together hold about
+        twice the limit at most (plus a 64 KiB floor per busy stream, SPEC.md
+        section 8); one session alone gets its full window.
+        """
+        config = self.settings.config
+        share = self.settings.memory_limit // max(len(self.sessions), 1)
+        budget = max(config.min_stream_window, min(config.session_window, share))
+        for driver in self.sessions.values():
+            if driver.session.memory_budget != budget:
+                driver.session.set_memory_budget(budget)
 
 
 _REJECT_REASONS = {

@@ -14,6 +14,7 @@ from stripeproxy.endpoints import server_endpoint
 from stripeproxy.options import SESSION_PARAMETERS, SessionOptions, add_observability
 from stripeproxy.policy import Rule, TargetPolicy, parse_rule
 from stripeproxy.server import DrainService, ServerSettings, SubflowFactory
+from stripeproxy.session import MiB
 from stripeproxy.tls import load_server_tls
 
 
@@ -33,6 +34,7 @@ class Options(SessionOptions):
         ["max-sessions", None, 256, "Most concurrent sessions.", int],
         ["max-streams", None, 1024, "Most open streams per session.", int],
         ["max-handshakes", None, 256, "Most subflows authenticating at once.", int],
+        ["memory-limit", None, 1024, "MiB of stream buffers shared by all sessions.", int],
         ["connect-timeout", None, 10.0, "Seconds to connect to a target.", float],
         ["drain-timeout", None, 10.0, "On SIGTERM, seconds open streams get to finish.", float],
         ["auth-failures", None, 10, "Failed logins from one address before it is refused.", int],
@@ -66,7 +68,7 @@ class Options(SessionOptions):
             raise usage.UsageError("--cert and --key are required unless --no-tls is given")
         if self["no-tls"] and self["client-ca"]:
             raise usage.UsageError("--client-ca needs TLS (drop --no-tls)")
-        limits = ("subflows", "max-sessions", "max-streams", "max-handshakes")
+        limits = ("subflows", "max-sessions", "max-streams", "max-handshakes", "memory-limit")
         for name in limits:
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
@@ -84,6 +86,7 @@ def makeService(options: Options) -> IService:
         congestion=options["congestion"],
         max_frame=options["max-frame"] * 1024,
         max_handshakes=options["max-handshakes"],
+        memory_limit=options["memory-limit"] * MiB,
         policy=TargetPolicy(allow=options["allow"], deny=options["deny"]),
         auth_failure_limit=options["auth-failures"],
         auth_failure_window=options["auth-window"],

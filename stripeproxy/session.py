@@ -300,6 +300,13 @@ class Session:
         self._retired = dict.fromkeys(("tx_real", "tx_dummy", "rx_real", "rx_dummy"), 0)
         self._control_decoder = control.ControlDecoder()
         self._idle_deadline: float | None = None
+        #: Bytes this session may hold for its peer: the credit it hands out
+        #: (reorder buffers) and, separately, what it keeps unacknowledged in
+        #: flight whatever credit the peer grants.  A server sharing one
+        #: memory limit among its sessions lowers it (set_memory_budget).
+        self.memory_budget = config.session_window
+        self._unacked_bytes = 0
+        self._send_blocked = False  # a chunk waited for unacknowledged bytes to drop
         control_stream = _Stream(
             CONTROL_STREAM, CONTROL_WINDOW, CONTROL_WINDOW, True, clock.seconds()
         )
@@ -328,6 +335,17 @@ class Session:
             total += st.recv.buffered + st.recv.held_bytes + st.send.queued
             total += sum(len(c.data) for c in st.send.unacked.values())
         return total
+
+    def set_memory_budget(self, budget: int) -> None:
+        """Change :attr:`memory_budget`; credit already announced stays valid
+        (SPEC.md section 4), so a lower budget takes effect as data drains."""
+        grew = budget > self.memory_budget
+        self.memory_budget = budget
+        if grew and not self.closed:
+            for st in self._streams.values():
+                self._maybe_window_update(st)
+            self._unblock_sends()
+            self._service()
 
     def stream_progress(self, stream_id: int) -> tuple[int, int]:
         """(bytes taken from the local peer, bytes received from the remote side)."""
@@ -628,7 +646,9 @@ class Session:
         for chunk in st.send.unacked.values():
             self._release(chunk)
             chunk.done = True
+            self._unacked_bytes -= len(chunk.data)
         st.send.unacked.clear()
+        self._unblock_sends()
         st.send.queue.clear()
         st.send.retx.clear()
         return True
@@ -710,6 +730,10 @@ class Session:
                 return chunk, True
         if not send.queue or send.next_offset >= send.limit or not st.is_open:
             return None, False
+        if self._unacked_bytes >= self.memory_budget and st.id != CONTROL_STREAM:
+            # The peer's credit does not decide what we hold: our budget does.
+            self._send_blocked = True
+            return None, False
         room = min(self.config.chunk_size, send.limit - send.next_offset)
         head = send.queue[0]
         if len(head) <= room:
@@ -718,6 +742,7 @@ class Session:
             data = head[:room]
             send.queue[0] = head[room:]
         chunk = _Chunk(st, send.next_offset, data)
+        self._unacked_bytes += len(data)
         send.unacked[send.next_offset] = chunk
         send.next_offset += len(data)
         send.queued -= len(data)
@@ -961,11 +986,22 @@ class Session:
             send.limit = ack.limit
             if send.queue:
                 self._mark_ready(st)
+        if self._send_blocked:
+            self._unblock_sends()
         if st.id != CONTROL_STREAM:
             self._check_done(st)
 
+    def _unblock_sends(self) -> None:
+        """Below the budget again: every stream with data waiting may send."""
+        if self._send_blocked and self._unacked_bytes < self.memory_budget:
+            self._send_blocked = False
+            for st in self._streams.values():
+                if st.send.queue:
+                    self._mark_ready(st)
+
     def _acked(self, chunk: _Chunk, now: float) -> None:
         chunk.done = True
+        self._unacked_bytes -= len(chunk.data)
         sf = self._subflows.get(chunk.sid) if chunk.sid is not None else None
         if sf is None:
             return
@@ -1087,7 +1123,7 @@ class Session:
         if st.id == CONTROL_STREAM:
             return CONTROL_WINDOW
         cfg = self.config
-        share = cfg.session_window // max(self._data_streams, 1)
+        share = self.memory_budget // max(self._data_streams, 1)
         return max(cfg.min_stream_window, min(cfg.stream_window, share))
 
     def _maybe_window_update(self, st: _Stream) -> None:

@@ -24,10 +24,12 @@ from helpers import (
 )
 from twisted.internet.task import Clock
 
-from stripeproxy import socks5
+from stripeproxy import socks5, wire
 from stripeproxy.guard import AuthGuard
 from stripeproxy.keygen import load_keys, write_psk
 from stripeproxy.keygen import main as keygen_main
+from stripeproxy.server import ServerSettings, SessionRegistry
+from stripeproxy.session import MiB, SessionConfig
 
 
 def test_auth_guard_counts_per_address_within_the_window() -> None:
@@ -251,3 +253,27 @@ async def test_idle_timeout_resets_only_the_silent_stream(
     assert await silent == b""
     assert any("idle too long: reset" in m for m in log_messages)
     assert len(pair.server_driver().subflows) == 2  # the session is untouched
+
+
+def test_memory_limit_is_shared_among_sessions() -> None:
+    config = SessionConfig(session_window=32 * MiB)
+    settings = ServerSettings(
+        reactor=Clock(), keys={"": b"k" * 32}, config=config, memory_limit=48 * MiB
+    )
+    registry = SessionRegistry(settings)
+
+    def budgets() -> list[int]:
+        return [d.session.memory_budget for d in registry.sessions.values()]
+
+    drivers = []
+    for n in range(1, 5):
+        driver, code = registry.attach("", bytes([n]) * 16, 0)
+        assert driver is not None and code == wire.WELCOME_CREATED
+        drivers.append(driver)
+        # Alone, a session gets its whole window; then an equal share each.
+        assert budgets() == [min(32 * MiB, 48 * MiB // n)] * n
+    for driver in drivers[:3]:
+        driver.session.close("test over")  # the driver tells the registry
+    assert budgets() == [32 * MiB]
+    drivers[3].session.close("test over")
+    assert registry.sessions == {}
