@@ -10,7 +10,7 @@ from __future__ import annotations
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 
-_ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "unix:", "ssl:", "systemd:", "tls:")
+_ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "unix:", "ssl:", "systemd:", "tls:", "haproxy:")
 
 
 def is_endpoint_string(text: str) -> bool:

@@ -314,6 +314,11 @@ class ServerSubflow(SubflowProtocol):
     def handshake_frame(self, frame: wire.Frame) -> None:
         if not isinstance(frame, wire.Auth):
             raise wire.ProtocolError(f"expected AUTH, got {type(frame).__name__}")
+        if self.registry.guard.blocked(self.peer_host):
+            # Checked again here: behind a PROXY-protocol load balancer the
+            # client's own address is only known once the header has arrived.
+            self.reject(wire.REJECT_BAD_AUTH)
+            return
         if frame.version != wire.PROTOCOL_VERSION:
             self.reject(wire.REJECT_VERSION)
             return

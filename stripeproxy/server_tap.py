@@ -7,6 +7,7 @@ import dataclasses
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
@@ -19,6 +20,16 @@ from stripeproxy.tls import load_server_tls
 
 
 class Options(SessionOptions):
+    optFlags = [
+        *SessionOptions.optFlags,
+        [
+            "proxy-protocol",
+            None,
+            "Expect a PROXY protocol v1/v2 header on every subflow (behind HAProxy "
+            "with send-proxy-v2), so limits and logs see each client's address.",
+        ],
+    ]
+
     synopsis = "[options]"
     role = "server"
     longdesc = (
@@ -102,9 +113,10 @@ def makeService(options: Options) -> IService:
     top = MultiService()
     # Stopped after the listener (services stop in reverse order).
     DrainService(subflows.registry, reactor, options["drain-timeout"]).setServiceParent(top)
-    StreamServerEndpointService(
-        server_endpoint(reactor, options["listen"]), factory
-    ).setServiceParent(top)
+    endpoint = server_endpoint(reactor, options["listen"])
+    if options["proxy-protocol"]:
+        endpoint = proxyEndpoint(endpoint)
+    StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     add_observability(
         top, options, reactor, reactor, lambda: list(subflows.registry.sessions.values())
     )

@@ -813,7 +813,9 @@ async def start_instance(
         *(extra or []),
     ]
     instance = Instance(spawn(cleanup, name, argv, directory))
-    match = await instance.process.wait_for(r"SubflowFactory \(TLS\) starting on (\d+)")
+    match = await instance.process.wait_for(
+        r"SubflowFactory \(TLS\)(?: \(PROXY\))? starting on (\d+)"
+    )
     instance.port = int(match[1])
     match = await instance.process.wait_for(r"Site starting on (\d+)")
     instance.metrics_port = int(match[1])

@@ -174,7 +174,7 @@ def test_unit_command_line_parses(unit: str, keys: Keys, tmp_path: Path) -> None
     assert options["tui"] is False
     if unit == "stripe-server@.service":
         assert options["listen"] == "127.0.0.1:8451"  # the instance name wins
-        assert options["auth-failures"] > 10_000  # see the env example
+        assert options["proxy-protocol"]  # HAProxy sends send-proxy-v2 headers
     elif tap == "stripe-server":
         assert options["listen"] == "0.0.0.0:8443"
 
@@ -258,7 +258,9 @@ def test_shipped_haproxy_config_settings() -> None:
     assert "ssl" not in bind, "TLS passes through to the stripe servers"
     servers = [words for words in settings if words[0] == "server"]
     assert [words[2] for words in servers] == [f"127.0.0.1:{8450 + i}" for i in range(1, 5)]
-    assert "check" in next(words for words in settings if words[0] == "default-server")
+    default_server = next(words for words in settings if words[0] == "default-server")
+    assert "check" in default_server
+    assert "send-proxy-v2" in default_server  # the instances run --proxy-protocol
 
     def seconds(name: str) -> float:
         """A ``timeout NAME`` value in seconds (HAProxy's default unit is ms)."""
@@ -370,6 +372,22 @@ async def settled(
         await sleep(0.2)
 
 
+# Instances behind HAProxy, as stripe-server@.service runs them; a low login
+# failure limit so that the test sees it hit.
+INSTANCE_OPTIONS = ["--proxy-protocol", "--auth-failures", "2"]
+BAD_SOURCE = "127.0.0.9"
+
+
+async def first_of(instances: list[Instance], pattern: str, timeout: float = 20.0) -> None:
+    """Wait until some instance's log matches ``pattern``."""
+    deadline = time.monotonic() + timeout
+    while not any(re.search(pattern, i.process.output()) for i in instances):
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {i.process.name}:\n{i.process.output()}" for i in instances)
+            raise AssertionError(f"no instance logged {pattern!r}\n{logs}")
+        await sleep(0.1)
+
+
 def label(client: Client) -> str:
     """The client's session label: the same string the server's metrics use."""
     assert client.driver is not None, "the client has no session"
@@ -400,7 +418,8 @@ async def test_haproxy_source_affinity_and_failover(
     source` can only spread clients that come from different addresses.
     """
     instances = [
-        await start_instance(cleanup, keys, f"stripe-server-{n}", tmp_path) for n in (1, 2)
+        await start_instance(cleanup, keys, f"stripe-server-{n}", tmp_path, INSTANCE_OPTIONS)
+        for n in (1, 2)
     ]
     port = await free_port()
     config = tmp_path / "haproxy.cfg"
@@ -433,6 +452,15 @@ async def test_haproxy_source_affinity_and_failover(
     homes = [found.instance_of(label(client)) for client in clients]
     assert set(homes) == {0, 1}, f"clients not spread over both instances: {homes}"
     await echo_through_all(clients, target.port, 2 * MiB)
+
+    # A client with a wrong key: thanks to the PROXY header its instance sees
+    # and refuses its own address, not HAProxy's (the re-dials below would
+    # all be refused otherwise).
+    bad_server = f"tcp:127.0.0.1:{port}:bindAddress={BAD_SOURCE}:timeout=10"
+    bad_extra = ["--server", bad_server, "--server-name", "localhost", "--retry-max", "1"]
+    await start_client(cleanup, keys, port, True, 1, bad_extra, psk=keys.wrong_psk)
+    refused = f"subflow {BAD_SOURCE}:\\d+: authentication failed .* refusing this address"
+    await first_of(instances, refused)
 
     # An instance dies: HAProxy's checks mark it down, its clients' re-dials
     # hash to the live one, which does not know their sessions; those clients

@@ -24,7 +24,7 @@ from helpers import (
 )
 from twisted.internet.task import Clock
 
-from stripeproxy import socks5, wire
+from stripeproxy import handshake, socks5, wire
 from stripeproxy.guard import AuthGuard
 from stripeproxy.keygen import load_keys, write_psk
 from stripeproxy.keygen import main as keygen_main
@@ -277,3 +277,46 @@ def test_memory_limit_is_shared_among_sessions() -> None:
     assert budgets() == [32 * MiB]
     drivers[3].session.close("test over")
     assert registry.sessions == {}
+
+
+def login_via_proxy_header(port: int, source: str, psk: bytes) -> wire.Frame:
+    """One plaintext subflow handshake that starts with a PROXY v1 header
+    naming ``source`` as the client; returns the server's answer frame."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"PROXY TCP4 {source} 127.0.0.1 40000 {port}\r\n".encode())
+        decoder = wire.FrameDecoder(crc=True)
+        frames: list[wire.Frame] = []
+        while not frames:
+            frames = decoder.feed(s.recv(4096))
+        challenge = frames[0]
+        assert isinstance(challenge, wire.Challenge)
+        nonce, session_id = handshake.new_nonce(), handshake.new_session_id()
+        mac = handshake.client_proof(psk, challenge.nonce, nonce, session_id, 0, "")
+        auth = wire.Auth(wire.PROTOCOL_VERSION, nonce, session_id, 0, "", mac)
+        s.sendall(wire.encode_auth(auth, True))
+        frames = decoder.feed(b"")
+        while not frames:
+            data = s.recv(4096)
+            assert data, "closed without an answer"
+            frames = decoder.feed(data)
+        return frames[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_protocol_gives_limits_and_logs_the_client_address(
+    cleanup: Cleanup, keys: Keys, log_messages: list[str]
+) -> None:
+    """Behind a load balancer every connection comes from its address; with
+    --proxy-protocol the failed-login limit counts each client apart."""
+    server = await start_server(cleanup, keys, False, ["--proxy-protocol", "--auth-failures", "2"])
+    psk, wrong = load_keys(keys.psk)[""], load_keys(keys.wrong_psk)[""]
+    for _ in range(2):
+        answer = await in_thread(login_via_proxy_header, server.port, "203.0.113.7", wrong)
+        assert isinstance(answer, wire.Reject)
+    assert any("subflow 203.0.113.7:40000: authentication failed" in m for m in log_messages)
+    # That client is now refused even with the right key; another is not.
+    answer = await in_thread(login_via_proxy_header, server.port, "203.0.113.7", psk)
+    assert isinstance(answer, wire.Reject)
+    answer = await in_thread(login_via_proxy_header, server.port, "203.0.113.8", psk)
+    assert isinstance(answer, wire.Welcome)
+    await wait_for(lambda: len(server.sessions) == 1, "the session of 203.0.113.8")
