@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from stripeproxy.bench import latency, loopback, memory, wan
+from stripeproxy.bench import degraded, latency, loopback, memory, wan
 from stripeproxy.bench.common import Context
 from stripeproxy.bench.machine import machine_info
 from stripeproxy.bench.procs import make_keys
@@ -35,7 +35,7 @@ from stripeproxy.bench.stats import (
 
 log = logging.getLogger("stripeproxy.bench")
 
-SCENARIOS = ("loopback", "memory", "latency", "wan")
+SCENARIOS = ("loopback", "memory", "latency", "wan", "degraded")
 
 
 def _csv(text: str) -> list[str]:
@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scenarios",
         type=_csv,
         default=list(SCENARIOS),
-        help="comma list of loopback,memory,latency,wan (default: all)",
+        help="comma list of loopback,memory,latency,wan,degraded (default: all)",
     )
     ap.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes and counts")
@@ -207,8 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in a.scenarios:
             t0 = time.monotonic()
             log.info("scenario %s", name)
-            if name == "wan":
-                wan.run(ctx)  # adds each profile x cc through on_report
+            if name in ("wan", "degraded"):
+                # Each profile x cc (or variant) is added through on_report.
+                (wan.run if name == "wan" else degraded.run)(ctx)
                 continue
             try:
                 got = runners[name](ctx)

@@ -24,6 +24,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ def goals_for(profile: str, cc: str) -> dict[str, Goal]:
     return {"vs direct": Goal(">=", 0.95, ">= 0.95 x direct")}
 
 
-def _ns_exists(name: str) -> bool:
+def ns_exists(name: str) -> bool:
     return Path(f"/var/run/netns/{name}").exists()
 
 
@@ -107,7 +108,10 @@ class Link:
 
     kind = ""
 
-    def up(self, delay: float, loss: float, rate: float, cc: str) -> None:
+    def up(
+        self, delay: float, loss: float, rate: float, cc: str, extra: Sequence[str] = ()
+    ) -> None:
+        """Bring the link up; ``extra`` are emulator options (wanem only)."""
         raise NotImplementedError
 
     def down(self) -> str:
@@ -124,9 +128,11 @@ class Wanem(Link):
     directory: Path
     kind = "wanem (userspace linkem)"
 
-    def up(self, delay: float, loss: float, rate: float, cc: str) -> None:
+    def up(
+        self, delay: float, loss: float, rate: float, cc: str, extra: Sequence[str] = ()
+    ) -> None:
         argv = [str(self.directory / "setup.sh"), "up", "--delay", f"{delay:g}"]
-        argv += ["--loss", f"{loss:g}", "--rate", f"{rate:g}", "--cc", cc]
+        argv += ["--loss", f"{loss:g}", "--rate", f"{rate:g}", "--cc", cc, *extra]
         _sh(argv)
 
     def down(self) -> str:
@@ -146,7 +152,11 @@ class Netem(Link):
 
     kind = "netem (veth)"
 
-    def up(self, delay: float, loss: float, rate: float, cc: str) -> None:
+    def up(
+        self, delay: float, loss: float, rate: float, cc: str, extra: Sequence[str] = ()
+    ) -> None:
+        if extra:
+            raise BenchError(f"netem cannot do {' '.join(extra)}")
         for ns in (NS_A, NS_B):
             _sh(["ip", "netns", "add", ns])
             _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
@@ -188,7 +198,7 @@ class Netem(Link):
 
     def down(self) -> str:
         for ns in (NS_A, NS_B):
-            if _ns_exists(ns):
+            if ns_exists(ns):
                 _sh(["ip", "netns", "del", ns], check=False)
         return "netem down"
 
@@ -247,7 +257,7 @@ def _cases(ks: list[int]) -> tuple[list[tuple[str, int, int | None, bool]], int]
 
 
 def _run_profile(ctx: Context, link: Link, prof: str, cc: str, sc: ScenarioReport) -> None:
-    if _ns_exists(NS_A) or _ns_exists(NS_B):
+    if ns_exists(NS_A) or ns_exists(NS_B):
         raise BenchError("namespaces wa/wb already exist: the emulator is in use; not touching it")
     delay, loss, rate = PROFILES[prof]
     ks = sorted(set(ctx.ks))
