@@ -971,7 +971,13 @@ class Session:
                 del unacked[offset]
                 self._acked(chunk, now)
         for start, end in ack.ranges:
-            for offset in [o for o in unacked if start <= o and o + len(unacked[o].data) <= end]:
+            covered = []
+            for offset, chunk in unacked.items():  # in offset order: stop past the range
+                if offset >= end:
+                    break
+                if offset >= start and offset + len(chunk.data) <= end:
+                    covered.append(offset)
+            for offset in covered:
                 self._acked(unacked.pop(offset), now)
         # SACKs are firm (SPEC.md section 4): everything below the first chunk
         # still unacknowledged has arrived, even if no cumulative ACK says so.
