@@ -54,6 +54,7 @@ class SessionDriver:
         self._next_sid += 1
         sid = self._next_sid
         self.subflows[sid] = subflow
+        subflow.sid = sid  # before the first write: a pause must name this subflow
         self.session.add_subflow(sid)
         self.rearm()
         return sid

@@ -31,6 +31,8 @@ KEY_FILE = "server.key"
 PSK_FILE = "psk.key"
 CLIENT_CA_CERT = "client-ca.crt"
 CLIENT_CA_KEY = "client-ca.key"
+# The client CA outlives the certificates it issues (they end with it anyway).
+CLIENT_CA_DAYS = 3650
 
 PSK_BYTES = 32
 MIN_PSK_BYTES = 16
@@ -129,6 +131,8 @@ def issue_client_cert(
         raise ValueError("the client CA key is not an EC key made by stripe-keygen")
     key = ec.generate_private_key(ec.SECP256R1())
     not_before = datetime.datetime.now(datetime.UTC) - _BACKDATE
+    # Never valid past the CA: such a certificate would fail before its date.
+    not_after = min(not_before + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -136,7 +140,7 @@ def issue_client_cert(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
-        .not_valid_after(not_before + datetime.timedelta(days=days))
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(
@@ -252,14 +256,26 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _client_certs(args: argparse.Namespace, created: list[str], kept: list[str]) -> None:
-    """The client CA (made once) and a certificate per ``--client`` name."""
+def _client_certs(args: argparse.Namespace, created: list[str], kept: list[str]) -> bool:
+    """The client CA (made once) and a certificate per ``--client`` name.
+
+    Returns False, having written nothing, if only half of the CA is there
+    (say its key was moved offline): a new CA would orphan every client.
+    """
     ca_cert_path = os.path.join(args.dir, CLIENT_CA_CERT)
     ca_key_path = os.path.join(args.dir, CLIENT_CA_KEY)
-    if os.path.exists(ca_cert_path) and os.path.exists(ca_key_path):
-        kept.append(ca_cert_path)  # re-issuing the CA would orphan every client
+    have_cert, have_key = os.path.exists(ca_cert_path), os.path.exists(ca_key_path)
+    if have_cert != have_key:
+        present, missing = (ca_cert_path, ca_key_path) if have_cert else (ca_key_path, ca_cert_path)
+        sys.stderr.write(
+            f"stripe-keygen: {present} exists but {missing} is missing; put it back "
+            "(a new client CA would invalidate every client certificate it issued)\n"
+        )
+        return False
+    if have_cert:
+        kept.append(ca_cert_path)  # never re-issued, not even with --force
     else:
-        ca_cert_pem, ca_key_pem = generate_client_ca(args.days)
+        ca_cert_pem, ca_key_pem = generate_client_ca(max(args.days, CLIENT_CA_DAYS))
         _write_file(ca_key_path, ca_key_pem, 0o600)
         _write_file(ca_cert_path, ca_cert_pem, 0o644)
         created += [ca_cert_path, ca_key_path]
@@ -277,6 +293,7 @@ def _client_certs(args: argparse.Namespace, created: list[str], kept: list[str])
         _write_file(key_path, key_pem, 0o600)
         _write_file(cert_path, cert_pem, 0o644)
         created += [cert_path, key_path]
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         write_psk(psk_path)
         created.append(psk_path)
 
-    if args.client:
-        _client_certs(args, created, kept)
+    if args.client and not _client_certs(args, created, kept):
+        return 1
 
     for path in created:
         sys.stdout.write(f"created: {path}\n")

@@ -243,6 +243,7 @@ class SessionRegistry:
         for driver in self.sessions.values():
             if driver.session.memory_budget != budget:
                 driver.session.set_memory_budget(budget)
+                driver.rearm()  # the budget may have let chunks go out
 
 
 _REJECT_REASONS = {
@@ -296,7 +297,7 @@ class ServerSubflow(SubflowProtocol):
             self._handshaking = False
             registry = self.registry
             registry.handshaking -= 1
-            if registry.handshaking < self.settings.max_handshakes // 2:
+            if registry.handshaking < max(1, self.settings.max_handshakes // 2):
                 registry.handshakes_full = False
 
     def joined(self, driver: SessionDriver) -> None:
@@ -351,6 +352,9 @@ class ServerSubflow(SubflowProtocol):
         self.joined(driver)
 
     def reject(self, code: int) -> None:
+        """Send REJECT and close; the handshake timer aborts the connection
+        if the peer does not let it close (a TLS close waits for the peer)."""
+        self._handshake_over()  # its slot is free at once, whatever the peer does
         self.write_frame(wire.encode_reject(code, _REJECT_REASONS.get(code, ""), self.crc))
         self._gone = True
         assert self.transport is not None

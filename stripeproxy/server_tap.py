@@ -26,7 +26,8 @@ class Options(SessionOptions):
             "proxy-protocol",
             None,
             "Expect a PROXY protocol v1/v2 header on every subflow (behind HAProxy "
-            "with send-proxy-v2), so limits and logs see each client's address.",
+            "with send-proxy-v2), so limits and logs see each client's address. "
+            "Only if no client can reach --listen directly: the header is trusted.",
         ],
     ]
 
@@ -77,6 +78,8 @@ class Options(SessionOptions):
         super().postOptions()
         if not self["no-tls"] and not (self["cert"] and self["key"]):
             raise usage.UsageError("--cert and --key are required unless --no-tls is given")
+        if self["proxy-protocol"] and self["listen"].startswith("haproxy:"):
+            raise usage.UsageError("--proxy-protocol already wraps --listen: drop 'haproxy:'")
         if self["no-tls"] and self["client-ca"]:
             raise usage.UsageError("--client-ca needs TLS (drop --no-tls)")
         limits = ("subflows", "max-sessions", "max-streams", "max-handshakes", "memory-limit")

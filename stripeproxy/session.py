@@ -623,7 +623,10 @@ class Session:
         timeout = self.config.idle_timeout
         oldest: float | None = None
         for stream_id in self.stream_ids:
-            active = self._streams[stream_id].active
+            st = self._streams.get(stream_id)
+            if st is None:
+                continue  # an owner callback dropped it meanwhile
+            active = st.active
             if now >= active + timeout:
                 self._drop_stream(stream_id)
                 self._send_control(control.Rst(stream_id, RESET_IDLE))

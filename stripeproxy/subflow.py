@@ -89,7 +89,7 @@ class SubflowProtocol(Protocol):
     def connectionMade(self) -> None:
         tune_socket(self.transport, self.congestion)
         self._handshake_timer = self.clock.callLater(
-            self.handshake_timeout, self.fail, "handshake timed out"
+            self.handshake_timeout, self._handshake_expired
         )
         self.start_handshake()
 
@@ -124,6 +124,15 @@ class SubflowProtocol(Protocol):
         assert self.transport is not None
         self.transport.registerProducer(self, True)
         self.sid = driver.attach(self)
+
+    def _handshake_expired(self) -> None:
+        """Still not in a session: close, even if a REJECT is already on its
+        way (a peer that never closes after it must not keep the socket)."""
+        self._handshake_timer = None
+        if self._gone:
+            self.abort()
+        else:
+            self.fail("handshake timed out")
 
     def fail(self, reason: str) -> None:
         """Close this subflow because of ``reason`` (logged with the peer)."""

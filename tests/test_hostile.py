@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import resource
 import socket
+import ssl
 import struct
 from pathlib import Path
 
@@ -247,3 +248,44 @@ async def test_server_process_keeps_its_memory_bound_under_a_flood(
     print(f"\nserver process peak RSS {grown:.1f} MiB above its idle session")
     assert grown < FLOOD_MEMORY_MIB, f"peak RSS grew by {grown:.1f} MiB"
     assert "Traceback" not in instance.process.output()
+
+
+def rejected_but_lingering(port: int) -> ssl.SSLSocket:
+    """Complete TLS, send an AUTH of an unknown version, read the REJECT and
+    keep the connection open (never answering the server's close)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT)
+    s = context.wrap_socket(raw)
+    decoder = wire.FrameDecoder(crc=False)
+    frames: list[wire.Frame] = []
+    while not frames:
+        frames = decoder.feed(s.recv(4096))
+    assert isinstance(frames[0], wire.Challenge)
+    auth = wire.Auth(99, b"\0" * 32, b"\0" * 16, 0, "", b"\0" * 32)
+    s.sendall(wire.encode_auth(auth, False))
+    while not frames[1:]:
+        frames += decoder.feed(s.recv(4096))
+    assert isinstance(frames[1], wire.Reject)
+    return s
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rejected_peer_that_lingers_frees_its_handshake_slot(
+    cleanup: Cleanup, keys: Keys
+) -> None:
+    """With room for one handshake, a peer that got its REJECT but keeps the
+    socket open must not lock everybody else out."""
+    # A long handshake timeout: the slot must come back at the REJECT, not then.
+    options = ["--max-handshakes", "1", "--handshake-timeout", "60"]
+    server = await start_server(cleanup, keys, True, options)
+    lingering = await in_thread(rejected_but_lingering, server.port)
+    try:
+        client = await start_client(cleanup, keys, server.port, True, k=1)
+        await wait_for(
+            lambda: client.driver is not None and len(client.driver.subflows) == 1,
+            "a subflow while the rejected peer lingers",
+        )
+    finally:
+        lingering.close()

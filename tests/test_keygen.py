@@ -248,3 +248,26 @@ def test_client_names_are_checked(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["--dir", str(tmp_path), "--client", "../escape"])
     assert not (tmp_path / "client-ca.crt").exists()
+
+
+def test_half_a_client_ca_is_an_error_not_a_new_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run(tmp_path, capsys, "--client", "alice")
+    ca = (tmp_path / "client-ca.crt").read_bytes()
+    (tmp_path / "client-ca.key").unlink()  # moved offline, say
+    assert main(["--dir", str(tmp_path), "--client", "bob", "--force"]) == 1
+    assert "client-ca.key is missing" in capsys.readouterr().err
+    assert (tmp_path / "client-ca.crt").read_bytes() == ca
+    assert not (tmp_path / "client-bob.crt").exists()
+
+
+def test_client_certificates_never_outlive_their_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run(tmp_path, capsys, "--client", "alice", "--days", "30")
+    ca = x509.load_pem_x509_certificate((tmp_path / "client-ca.crt").read_bytes())
+    assert ca.not_valid_after_utc - ca.not_valid_before_utc >= datetime.timedelta(days=3650)
+    _run(tmp_path, capsys, "--client", "bob", "--days", "9000")
+    bob = x509.load_pem_x509_certificate((tmp_path / "client-bob.crt").read_bytes())
+    assert bob.not_valid_after_utc == ca.not_valid_after_utc

@@ -6,6 +6,7 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from helpers import (
     Cleanup,
@@ -23,8 +24,9 @@ from helpers import (
     wait_for,
 )
 from twisted.internet.task import Clock
+from twisted.python.usage import UsageError
 
-from stripeproxy import handshake, socks5, wire
+from stripeproxy import handshake, server_tap, socks5, wire
 from stripeproxy.guard import AuthGuard
 from stripeproxy.keygen import load_keys, write_psk
 from stripeproxy.keygen import main as keygen_main
@@ -320,3 +322,10 @@ async def test_proxy_protocol_gives_limits_and_logs_the_client_address(
     answer = await in_thread(login_via_proxy_header, server.port, "203.0.113.8", psk)
     assert isinstance(answer, wire.Welcome)
     await wait_for(lambda: len(server.sessions) == 1, "the session of 203.0.113.8")
+
+
+def test_proxy_protocol_is_not_wrapped_twice(keys: Keys) -> None:
+    options = server_tap.Options()
+    argv = ["--no-tls", "--psk-file", keys.psk, "--proxy-protocol", "--listen", "haproxy:tcp:0"]
+    with pytest.raises(UsageError, match="already wraps"):
+        options.parseOptions(argv)
