@@ -71,6 +71,16 @@ class SnapshotCollector(Collector):
             value=snap.retransmitted,
         )
         yield CounterMetricFamily(
+            "stripeproxy_reinjected_bytes",
+            "Of the retransmitted bytes, those re-sent to unblock a hole (head-of-line).",
+            value=snap.reinjected,
+        )
+        yield CounterMetricFamily(
+            "stripeproxy_timeouts",
+            "Chunks whose acknowledgement was overdue (each then goes out again).",
+            value=snap.timeouts,
+        )
+        yield CounterMetricFamily(
             "stripeproxy_subflows_lost", "Subflows that went away.", value=snap.subflows_lost
         )
         yield CounterMetricFamily(

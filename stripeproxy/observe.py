@@ -23,7 +23,7 @@ from stripeproxy.rates import PERIOD, WINDOW, RateBook
 
 _DIRECTIONS = ("tx_real", "tx_dummy", "rx_real", "rx_dummy")
 # Session-wide cumulative counters (Session.counters()).
-_COUNTERS = (*_DIRECTIONS, "retransmitted", "subflows_lost")
+_COUNTERS = (*_DIRECTIONS, "retransmitted", "reinjected", "timeouts", "subflows_lost")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ class Snapshot:
     totals: dict[str, int] = field(default_factory=dict)
     rates: dict[str, float] = field(default_factory=dict)
     retransmitted: int = 0
+    reinjected: int = 0  # of the retransmitted bytes: re-sent to unblock a hole
+    timeouts: int = 0  # chunks whose acknowledgement was overdue (RTO)
     subflows_lost: int = 0
     redials: int = 0
     buffered: int = 0
@@ -178,6 +180,8 @@ class Monitor(Service):
             totals=totals,
             rates=rates,
             retransmitted=totals["retransmitted"],
+            reinjected=totals["reinjected"],
+            timeouts=totals["timeouts"],
             subflows_lost=totals["subflows_lost"],
             redials=self._redials(),
             buffered=buffered,

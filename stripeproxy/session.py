@@ -1052,7 +1052,9 @@ class Session:
         cfg = self.config
         if sf.srtt is None:
             return cfg.initial_rto
-        rto = sf.srtt + 4 * sf.rttvar + cfg.ack_delay
+        # 2 x srtt: a chunk behind a segment that TCP itself recovers arrives
+        # about one round trip late; that is no stall (SPEC.md section 6).
+        rto = 2 * sf.srtt + 4 * sf.rttvar + cfg.ack_delay
         return min(cfg.max_rto, max(cfg.min_rto, rto))
 
     @staticmethod
@@ -1081,6 +1083,10 @@ class Session:
         until it shows a sign of life, and a PING probes it.
         """
         expired = False
+        # Another copy only helps on another subflow: on this one TCP already
+        # delivers it, or the subflow dies and subflow_lost() moves it.
+        elsewhere = any(s is not sf and not s.suspect for s in self._subflow_list)
+        kept: list[tuple[float, _Chunk]] = []
         while True:
             expiry = self._rto_expiry(sf)
             if expiry is None or now < expiry:
@@ -1088,12 +1094,17 @@ class Session:
             chunk = self._oldest(sf)
             assert chunk is not None
             sf.sent.popleft()
-            chunk.retries += 1
+            chunk.retries += 1  # backs the next timeout off, and no RTT sample
             self.stats_timeouts += 1
+            expired = True
+            if not elsewhere:
+                chunk.sent_at = now  # watched afresh from now, with the longer timeout
+                kept.append((now, chunk))
+                continue
             self._release(chunk)
             chunk.stream.send.retx.append(chunk.offset)
             self._mark_ready(chunk.stream)
-            expired = True
+        sf.sent.extend(kept)
         if expired and not sf.suspect:
             sf.suspect = True
             self._emit(sf, [wire.encode_ping(int(now * 1e6), self.config.crc)], dummy=True)

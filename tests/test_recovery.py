@@ -97,7 +97,7 @@ def test_rto_follows_measured_rtt() -> None:
     pair.write(CLIENT, stream_id, b"x" * 1000)
     now = pair.clock.seconds()
     sf = pair.client.subflow(1)
-    expected = max(0.2, sf.srtt + 4 * sf.rttvar + 0.002)  # type: ignore[operator]
+    expected = max(0.2, 2 * sf.srtt + 4 * sf.rttvar + 0.002)  # type: ignore[operator]
     assert abs(pair.client.next_deadline() - (now + expected)) < 1e-9  # type: ignore[operator]
     pair.write(CLIENT, stream_id, b"", eof=True)
     pair.write(SERVER, stream_id, b"", eof=True)
@@ -150,5 +150,32 @@ def test_final_ack_lost_after_a_sack_still_finishes_the_stream() -> None:
     pair.add_subflow()
     run_until(pair, lambda: pair.client_owner.finished(stream_id))
     assert pair.server_owner.data(stream_id) == payload(5, 128 * KiB)
+    pair.assert_idle()
+    pair.shutdown()
+
+
+def test_timeout_never_resends_on_the_subflow_that_holds_the_chunk() -> None:
+    """With one subflow a copy could only follow the original down the same
+    TCP connection: the chunk stays put, its timeout backs off, and the timer
+    never spins, even after the backoff reaches max_rto."""
+    pair = SessionPair(k=1, config=SessionConfig(max_rto=2.0, dead_interval=60.0))
+    stream_id = pair.open_stream()
+    run_until(pair, lambda: pair.client_owner.open_results)
+    pair.hold(1, C2S)
+    data = payload(9, 256 * KiB)
+    pair.write(CLIENT, stream_id, data, eof=True)
+    for _ in range(40):  # 20 s: the RTO backs off to max_rto and stays there
+        now = pair.clock.seconds()
+        deadline = pair.client.next_deadline()
+        assert deadline is not None and deadline > now  # nothing overdue: no spin
+        pair.advance(0.5)
+    assert pair.client.stats_timeouts >= 4
+    assert pair.client.stats_retransmitted == 0
+    assert pair.client.subflow(1).suspect
+    pair.release(1, C2S)
+    pair.write(SERVER, stream_id, b"", eof=True)
+    run_until(pair, lambda: pair.client_owner.finished(stream_id))
+    assert pair.server_owner.data(stream_id) == data
+    assert pair.client.stats_retransmitted == 0
     pair.assert_idle()
     pair.shutdown()
