@@ -159,6 +159,6 @@ def _measure(ctx: Context, g: ProcessGroup, sc: ScenarioReport) -> None:
                 GOAL if scheduler == "adaptive" else None,
             )
     sc.notes.append(
-        f"link wanem, {sc.data['option']} {sc.data['spread']}: flows are numbered as first "
+        f"link wanem, {sc.params['option']} {sc.params['spread']}: flows are numbered as first "
         "seen, and each client's subflows connect before the next client starts"
     )
