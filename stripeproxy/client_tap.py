@@ -6,6 +6,7 @@ from twisted.application.internet import ClientService, StreamServerEndpointServ
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
 from twisted.internet.endpoints import wrapClientTLS
+from twisted.logger import Logger
 from twisted.python import usage
 
 from stripeproxy.client import (
@@ -21,7 +22,12 @@ from stripeproxy.endpoints import (
     parse_host_port,
     server_endpoint,
 )
-from stripeproxy.options import SESSION_PARAMETERS, SessionOptions, add_observability
+from stripeproxy.options import (
+    SESSION_PARAMETERS,
+    SessionOptions,
+    add_observability,
+    check_host_tuning,
+)
 from stripeproxy.tls import client_tls_creator
 
 
@@ -82,6 +88,7 @@ class Options(SessionOptions):
 
 
 def makeService(options: Options) -> IService:
+    check_host_tuning(Logger())
     credentials = None
     if options["socks-user"]:
         credentials = (options["socks-user"].encode(), options["socks-password"].encode())

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python import usage
 
 from stripeproxy.driver import SessionDriver
@@ -115,6 +116,23 @@ class SessionOptions(usage.Options):
             stream_window=int(self["stream-window"] * MiB),
             session_window=int(self["session-window"] * MiB),
             scheduler=self["scheduler"],
+        )
+
+
+_SLOW_START_AFTER_IDLE = "/proc/sys/net/ipv4/tcp_slow_start_after_idle"
+
+
+def check_host_tuning(log: Logger, path: str = _SLOW_START_AFTER_IDLE) -> None:
+    """Point out a host setting that slows every transfer on idle subflows."""
+    try:
+        with open(path) as f:
+            value = f.read().strip()
+    except OSError:
+        return  # not Linux, or no /proc: nothing to say
+    if value == "1":
+        log.info(
+            "net.ipv4.tcp_slow_start_after_idle is 1: idle subflows restart slowly on lossy "
+            "paths; deploy/sysctl/90-stripeproxy.conf sets it to 0 (README, Performance)"
         )
 
 

@@ -7,12 +7,18 @@ import dataclasses
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
+from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from stripeproxy.endpoints import server_endpoint
-from stripeproxy.options import SESSION_PARAMETERS, SessionOptions, add_observability
+from stripeproxy.options import (
+    SESSION_PARAMETERS,
+    SessionOptions,
+    add_observability,
+    check_host_tuning,
+)
 from stripeproxy.policy import Rule, TargetPolicy, parse_rule
 from stripeproxy.server import DrainService, ServerSettings, SubflowFactory
 from stripeproxy.session import MiB
@@ -89,6 +95,7 @@ class Options(SessionOptions):
 
 
 def makeService(options: Options) -> IService:
+    check_host_tuning(Logger())
     settings = ServerSettings(
         reactor=reactor,
         keys=options["keys"],

@@ -44,6 +44,7 @@ from stripeproxy.bench.wan import (
     SERVER_PORT,
     SINK_PORT,
     Wanem,
+    keep_idle_connections_warm,
     netem_works,
     ns_exists,
 )
@@ -97,6 +98,7 @@ def run(ctx: Context) -> list[ScenarioReport]:
             workdir.mkdir(parents=True, exist_ok=True)
             try:
                 link.up(delay, loss, rate, cc, [option, spread(bad, good)])
+                keep_idle_connections_warm()
                 with ProcessGroup(workdir) as g:
                     _measure(ctx, g, sc)
             finally:
