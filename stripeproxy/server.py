@@ -46,6 +46,10 @@ class ServerSettings:
     congestion: str | None = None
     max_frame: int = wire.DEFAULT_MAX_BODY
     max_handshakes: int = 256
+    # Of those, how many one address may hold (0: no per-address share, as
+    # behind a PROXY-protocol balancer, where every connection starts out
+    # with the balancer's address).
+    handshakes_per_address: int = 32
     # Bytes all sessions together may hold in buffers (see SessionRegistry).
     memory_limit: int = 1024 * 1024 * 1024
     policy: TargetPolicy = field(default_factory=TargetPolicy)
@@ -202,6 +206,8 @@ class SessionRegistry:
         self.sessions: dict[bytes, ServerSessionDriver] = {}
         self.handshaking = 0  # subflows connected but not yet authenticated
         self.handshakes_full = False  # the limit was hit and logged; reset below it
+        self.handshaking_from: dict[str, int] = {}  # the same, per peer address
+        self.addresses_full: set[str] = set()  # addresses whose share was hit and logged
         self.guard = AuthGuard(
             settings.reactor, settings.auth_failure_limit, settings.auth_failure_window
         )
@@ -270,6 +276,7 @@ class ServerSubflow(SubflowProtocol):
         self.registry = registry
         self.nonce = handshake.new_nonce()
         self._handshaking = False
+        self._host = ""
 
     def start_handshake(self) -> None:
         registry = self.registry
@@ -288,8 +295,24 @@ class ServerSubflow(SubflowProtocol):
                 )
             self.abort()
             return
+        host = self.peer_host
+        share = self.settings.handshakes_per_address
+        if share and registry.handshaking_from.get(host, 0) >= share:
+            # One address may not take the whole pool and lock everybody out.
+            if host not in registry.addresses_full:
+                registry.addresses_full.add(host)
+                self.log.warn(
+                    "{host} has {share} subflows authenticating at once: refusing its new "
+                    "connections until some finish",
+                    host=host,
+                    share=share,
+                )
+            self.abort()
+            return
         registry.handshaking += 1
+        registry.handshaking_from[host] = registry.handshaking_from.get(host, 0) + 1
         self._handshaking = True
+        self._host = host
         self.write_frame(wire.encode_challenge(self.nonce, self.crc))
 
     def _handshake_over(self) -> None:
@@ -299,6 +322,12 @@ class ServerSubflow(SubflowProtocol):
             registry.handshaking -= 1
             if registry.handshaking < max(1, self.settings.max_handshakes // 2):
                 registry.handshakes_full = False
+            left = registry.handshaking_from[self._host] - 1
+            if left:
+                registry.handshaking_from[self._host] = left
+            else:
+                del registry.handshaking_from[self._host]
+                registry.addresses_full.discard(self._host)
 
     def joined(self, driver: SessionDriver) -> None:
         self._handshake_over()

@@ -107,6 +107,12 @@ def makeService(options: Options) -> IService:
         congestion=options["congestion"],
         max_frame=options["max-frame"] * 1024,
         max_handshakes=options["max-handshakes"],
+        # Behind a PROXY-protocol balancer every connection starts with its address.
+        handshakes_per_address=(
+            0
+            if options["proxy-protocol"]
+            else max(2 * options["subflows"], options["max-handshakes"] // 8)
+        ),
         memory_limit=options["memory-limit"] * MiB,
         policy=TargetPolicy(allow=options["allow"], deny=options["deny"]),
         auth_failure_limit=options["auth-failures"],

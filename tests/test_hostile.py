@@ -221,7 +221,9 @@ async def test_server_process_keeps_its_memory_bound_under_a_flood(
     runs through it.  The echo is bit-exact, the flood is refused with one log
     line, and the process's peak RSS stays within a fixed bound."""
     target = await start_target(cleanup, EchoFactory())
-    options = ["--handshake-timeout", "2", "--max-handshakes", "64"]
+    # 24 slots in all: below the per-address share (32), so the flood, which
+    # comes from one address like everything here, meets the global limit.
+    options = ["--handshake-timeout", "2", "--max-handshakes", "24"]
     instance = await start_instance(cleanup, keys, "server", tmp_path, options)
     pid = instance.process.popen.pid
     client = await start_client(cleanup, keys, instance.port, True, k=4)
@@ -289,3 +291,44 @@ async def test_a_rejected_peer_that_lingers_frees_its_handshake_slot(
         )
     finally:
         lingering.close()
+
+
+def challenged(source: str, port: int) -> bool:
+    """Connect from ``source``; True if the server sends its CHALLENGE."""
+    s = socket.create_connection(
+        ("127.0.0.1", port), timeout=SOCKET_TIMEOUT, source_address=(source, 0)
+    )
+    with s:
+        decoder = wire.FrameDecoder(crc=True)
+        try:
+            while True:
+                data = s.recv(4096)
+                if not data:
+                    return False
+                if decoder.feed(data):
+                    return True
+        except ConnectionResetError:
+            return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_address_gets_only_its_share_of_the_handshake_pool(
+    cleanup: Cleanup, keys: Keys, log_messages: list[str]
+) -> None:
+    """--subflows 1 and --max-handshakes 16 give each address 2 slots: a third
+    silent connection from the same address is closed at once, while another
+    address still gets its CHALLENGE."""
+    options = ["--subflows", "1", "--max-handshakes", "16", "--handshake-timeout", "60"]
+    server = await start_server(cleanup, keys, False, options)
+    held = []
+    for _ in range(2):
+        s = await in_thread(socket.create_connection, ("127.0.0.1", server.port), SOCKET_TIMEOUT)
+        held.append(s)
+    try:
+        await wait_for(lambda: server.registry.handshaking == 2, "two handshakes under way")
+        assert not await in_thread(challenged, "127.0.0.1", server.port)
+        assert await in_thread(challenged, "127.0.0.2", server.port)
+        assert any("127.0.0.1 has 2 subflows authenticating at once" in m for m in log_messages)
+    finally:
+        for s in held:
+            s.close()
