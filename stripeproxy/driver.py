@@ -49,15 +49,15 @@ class SessionDriver:
 
     # ----------------------------------------------------- called by adapters
 
-    def attach(self, subflow: SubflowProtocol) -> int:
-        """A subflow finished its handshake; returns its id within the session."""
+    def attach(self, subflow: SubflowProtocol) -> None:
+        """A subflow finished its handshake: give it its id within the session
+        (before the first write, so that a pause names this subflow) and use it."""
         self._next_sid += 1
         sid = self._next_sid
         self.subflows[sid] = subflow
-        subflow.sid = sid  # before the first write: a pause must name this subflow
+        subflow.sid = sid
         self.session.add_subflow(sid)
         self.rearm()
-        return sid
 
     def detach(self, sid: int) -> None:
         if self.subflows.pop(sid, None) is not None:

@@ -42,6 +42,28 @@ _HEX_BYTES = re.compile(r"(?:[0-9a-fA-F]{2})+")
 _BACKDATE = datetime.timedelta(minutes=5)
 
 
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    days: int,
+    ends_by: datetime.datetime | None = None,
+) -> x509.CertificateBuilder:
+    """What every certificate here shares: names, key, a fresh serial, and
+    ``days`` of validity from a little in the past, never beyond ``ends_by``."""
+    not_before = datetime.datetime.now(datetime.UTC) - _BACKDATE
+    not_after = not_before + datetime.timedelta(days=days)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(min(not_after, ends_by) if ends_by is not None else not_after)
+    )
+
+
 def generate_self_signed(hostname: str, days: int) -> tuple[bytes, bytes]:
     """A self-signed EC P-256 server certificate and its key, both PEM.
 
@@ -51,7 +73,6 @@ def generate_self_signed(hostname: str, days: int) -> tuple[bytes, bytes]:
     """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    not_before = datetime.datetime.now(datetime.UTC) - _BACKDATE
     loopback = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
     try:
         address = ipaddress.ip_address(hostname)
@@ -61,13 +82,7 @@ def generate_self_signed(hostname: str, days: int) -> tuple[bytes, bytes]:
         names = [] if address in loopback else [x509.IPAddress(address)]
     san = x509.SubjectAlternativeName(names + [x509.IPAddress(a) for a in loopback])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_before + datetime.timedelta(days=days))
+        _builder(name, name, key, days)
         .add_extension(san, critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -93,7 +108,6 @@ def generate_client_ca(days: int) -> tuple[bytes, bytes]:
     """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stripeproxy client CA")])
-    not_before = datetime.datetime.now(datetime.UTC) - _BACKDATE
     usage = x509.KeyUsage(
         digital_signature=False,
         content_commitment=False,
@@ -106,13 +120,7 @@ def generate_client_ca(days: int) -> tuple[bytes, bytes]:
         decipher_only=False,
     )
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_before + datetime.timedelta(days=days))
+        _builder(name, name, key, days)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(usage, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -130,17 +138,10 @@ def issue_client_cert(
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError("the client CA key is not an EC key made by stripe-keygen")
     key = ec.generate_private_key(ec.SECP256R1())
-    not_before = datetime.datetime.now(datetime.UTC) - _BACKDATE
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     # Never valid past the CA: such a certificate would fail before its date.
-    not_after = min(not_before + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        _builder(subject, ca_cert.subject, key, days, ca_cert.not_valid_after_utc)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(

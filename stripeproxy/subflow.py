@@ -123,7 +123,7 @@ class SubflowProtocol(Protocol):
         self.driver = driver
         assert self.transport is not None
         self.transport.registerProducer(self, True)
-        self.sid = driver.attach(self)
+        driver.attach(self)  # sets self.sid
 
     def _handshake_expired(self) -> None:
         """Still not in a session: close, even if a REJECT is already on its

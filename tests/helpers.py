@@ -37,7 +37,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from stripeproxy import client_tap, server_tap
+from stripeproxy import client_tap, server_tap, wire
 from stripeproxy.client import ClientSessionDriver, Overlay, SocksFactory
 from stripeproxy.keygen import generate_self_signed, write_psk
 from stripeproxy.server import ServerSessionDriver, SessionRegistry
@@ -631,6 +631,18 @@ def socks_handshake_reply(socks_port: int, host: str, port: int) -> int:
         return reply[1]
     finally:
         sock.close()
+
+
+def next_frame(sock: socket.socket, decoder: wire.FrameDecoder) -> wire.Frame:
+    """The next whole frame from a hand-driven subflow socket (plain or TLS);
+    ConnectionError if the server closes first."""
+    frames = decoder.feed(b"", max_frames=1)
+    while not frames:
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionError("closed before a whole frame")
+        frames = decoder.feed(data, max_frames=1)
+    return frames[0]
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:

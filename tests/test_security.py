@@ -13,6 +13,7 @@ from helpers import (
     EchoFactory,
     Keys,
     in_thread,
+    next_frame,
     sleep,
     socks_connect,
     socks_echo,
@@ -287,21 +288,13 @@ def login_via_proxy_header(port: int, source: str, psk: bytes) -> wire.Frame:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(f"PROXY TCP4 {source} 127.0.0.1 40000 {port}\r\n".encode())
         decoder = wire.FrameDecoder(crc=True)
-        frames: list[wire.Frame] = []
-        while not frames:
-            frames = decoder.feed(s.recv(4096))
-        challenge = frames[0]
+        challenge = next_frame(s, decoder)
         assert isinstance(challenge, wire.Challenge)
         nonce, session_id = handshake.new_nonce(), handshake.new_session_id()
         mac = handshake.client_proof(psk, challenge.nonce, nonce, session_id, 0, "")
         auth = wire.Auth(wire.PROTOCOL_VERSION, nonce, session_id, 0, "", mac)
         s.sendall(wire.encode_auth(auth, True))
-        frames = decoder.feed(b"")
-        while not frames:
-            data = s.recv(4096)
-            assert data, "closed without an answer"
-            frames = decoder.feed(data)
-        return frames[0]
+        return next_frame(s, decoder)
 
 
 @pytest_twisted.ensureDeferred

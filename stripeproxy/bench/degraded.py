@@ -29,24 +29,21 @@ from stripeproxy.bench.procs import (
     BenchError,
     Proc,
     ProcessGroup,
-    client_args,
-    server_args,
     sysctl,
-    wait_listening,
-    wait_subflows,
 )
 from stripeproxy.bench.stats import Goal, Result, ScenarioReport
 from stripeproxy.bench.wan import (
-    IP_B,
     NS_A,
     NS_B,
     PROFILES,
-    SERVER_PORT,
     SINK_PORT,
     Wanem,
     keep_idle_connections_warm,
     netem_works,
     ns_exists,
+    start_client,
+    start_far_end,
+    wait_client,
 )
 
 log = logging.getLogger("stripeproxy.bench.degraded")
@@ -114,24 +111,12 @@ def run(ctx: Context) -> list[ScenarioReport]:
 
 
 def _measure(ctx: Context, g: ProcessGroup, sc: ScenarioReport) -> None:
-    keys = ctx.keys
-    g.start_traffic_server("sink", ns=NS_B, bind="0.0.0.0", port=SINK_PORT)
-    server = g.start_twistd(
-        "stripe-server",
-        "stripe-server",
-        server_args(keys, f"{IP_B}:{SERVER_PORT}", ctx.wan_tls),
-        ns=NS_B,
-    )
-    wait_listening(server, SERVER_PORT)
+    start_far_end(ctx, g)
     clients: list[Proc] = []
     for n, (_, scheduler, _) in enumerate(CLIENTS):
-        args = client_args(keys, f"{IP_B}:{SERVER_PORT}", f"127.0.0.1:{1081 + n}", K, ctx.wan_tls)
-        client = g.start_twistd(
-            f"stripe-client-{n}", "stripe-client", [*args, "--scheduler", scheduler], ns=NS_A
-        )
+        client = start_client(ctx, g, f"stripe-client-{n}", 1081 + n, K, ["--scheduler", scheduler])
         # One client's subflows all reach the emulator before the next starts.
-        wait_listening(client, 1081 + n)
-        wait_subflows(client, SERVER_PORT, K, timeout=60)
+        wait_client(client, 1081 + n, K)
         clients.append(client)
     sc.congestion_control = sysctl("net.ipv4.tcp_congestion_control", NS_A)
     goodput: dict[str, list[float | None]] = {case: [] for case, _, _ in CLIENTS}

@@ -288,6 +288,33 @@ def _run_profile(ctx: Context, link: Link, prof: str, cc: str, sc: ScenarioRepor
         sc.data["link_down"] = link.down()[-3000:]
 
 
+def start_far_end(ctx: Context, g: ProcessGroup) -> Proc:
+    """The sink and stripe-server in namespace ``wb``; returns the server."""
+    g.start_traffic_server("sink", ns=NS_B, bind="0.0.0.0", port=SINK_PORT)
+    server = g.start_twistd(
+        "stripe-server",
+        "stripe-server",
+        server_args(ctx.keys, f"{IP_B}:{SERVER_PORT}", ctx.wan_tls),
+        ns=NS_B,
+    )
+    wait_listening(server, SERVER_PORT)
+    return server
+
+
+def start_client(
+    ctx: Context, g: ProcessGroup, name: str, socks_port: int, k: int, extra: Sequence[str] = ()
+) -> Proc:
+    """A stripe-client in ``wa`` with SOCKS on ``socks_port``, started without waiting."""
+    args = client_args(ctx.keys, f"{IP_B}:{SERVER_PORT}", f"127.0.0.1:{socks_port}", k, ctx.wan_tls)
+    return g.start_twistd(name, "stripe-client", [*args, *extra], ns=NS_A)
+
+
+def wait_client(client: Proc, socks_port: int, k: int) -> None:
+    """Until the client listens for SOCKS and has its ``k`` subflows up."""
+    wait_listening(client, socks_port)
+    wait_subflows(client, SERVER_PORT, k, timeout=60)
+
+
 def _measure(
     ctx: Context,
     link: Link,
@@ -297,26 +324,10 @@ def _measure(
     cc: str,
     ks: list[int],
 ) -> None:
-    keys = ctx.keys
-    g.start_traffic_server("sink", ns=NS_B, bind="0.0.0.0", port=SINK_PORT)
-    server = g.start_twistd(
-        "stripe-server",
-        "stripe-server",
-        server_args(keys, f"{IP_B}:{SERVER_PORT}", ctx.wan_tls),
-        ns=NS_B,
-    )
-    wait_listening(server, SERVER_PORT)
-    clients: dict[int, Proc] = {}
-    for k in ks:
-        clients[k] = g.start_twistd(
-            f"stripe-client-k{k}",
-            "stripe-client",
-            client_args(keys, f"{IP_B}:{SERVER_PORT}", f"127.0.0.1:{1080 + k}", k, ctx.wan_tls),
-            ns=NS_A,
-        )
+    server = start_far_end(ctx, g)
+    clients = {k: start_client(ctx, g, f"stripe-client-k{k}", 1080 + k, k) for k in ks}
     for k, c in clients.items():
-        wait_listening(c, 1080 + k)
-        wait_subflows(c, SERVER_PORT, k, timeout=60)
+        wait_client(c, 1080 + k, k)
     sc.congestion_control = sysctl("net.ipv4.tcp_congestion_control", NS_A)
     sc.data["cc_wb"] = sysctl("net.ipv4.tcp_congestion_control", NS_B)
     rtt = run_json(ttfb_argv((IP_B, SINK_PORT), None, 10, connect_only=True), ns=NS_A)
