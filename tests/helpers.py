@@ -37,12 +37,14 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from stripeproxy import client_tap, server_tap, wire
-from stripeproxy.client import ClientSessionDriver, Overlay, SocksFactory
-from stripeproxy.keygen import generate_self_signed, write_psk
-from stripeproxy.server import ServerSessionDriver, SessionRegistry
-from stripeproxy.server import SubflowFactory as ServerSubflowFactory
-from stripeproxy.tls import certificate_fingerprint
+from stripeproxy.cli import client_tap, server_tap
+from stripeproxy.cli.keygen import generate_self_signed, write_psk
+from stripeproxy.core import wire
+from stripeproxy.net.client import ClientSessionDriver, Overlay
+from stripeproxy.net.server import ServerSessionDriver, SessionRegistry
+from stripeproxy.net.server_subflow import SubflowFactory as ServerSubflowFactory
+from stripeproxy.net.socks import SocksFactory
+from stripeproxy.net.tls import certificate_fingerprint
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -669,11 +671,11 @@ def throughput(size: int, seconds: float) -> str:
 
 
 async def start_relay(cleanup: Cleanup, host: str, port: int) -> tuple[Any, int]:
-    """A :class:`stripeproxy.faults.FaultRelay` towards host:port on a loopback port.
+    """A :class:`stripeproxy.testing.faults.FaultRelay` towards host:port on a loopback port.
 
     Returns ``(relay, relay_port)``; cleanup stops listening and resets every link.
     """
-    from stripeproxy.faults import FaultRelay
+    from stripeproxy.testing.faults import FaultRelay
 
     relay = FaultRelay(reactor, host, port)
     listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(relay)

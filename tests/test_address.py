@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stripeproxy.address import (
+from stripeproxy.core.address import (
     ATYP_DOMAIN,
     ATYP_IPV4,
     ATYP_IPV6,

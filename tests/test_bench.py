@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from stripeproxy.bench import traffic
-from stripeproxy.bench.loopback import summarize_collapsed
-from stripeproxy.bench.stats import (
+from bench import traffic
+from bench.loopback import summarize_collapsed
+from bench.stats import (
     SCHEMA,
     Goal,
     Result,
@@ -226,7 +226,7 @@ def test_loopback_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     t0 = time.monotonic()
-    argv = [sys.executable, "-m", "stripeproxy.bench", "--scenarios", "loopback"]
+    argv = [sys.executable, "-m", "bench", "--scenarios", "loopback"]
     argv += ["--reps", "1", "--size", "2", "--out", str(out)]
     r = subprocess.run(
         argv,

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stripeproxy import control, wire
-from stripeproxy.control import ControlDecoder, Fin, Message, Open, OpenFail, OpenOk, Rst
-from stripeproxy.wire import ProtocolError
+from stripeproxy.core import control, wire
+from stripeproxy.core.control import ControlDecoder, Fin, Message, Open, OpenFail, OpenOk, Rst
+from stripeproxy.core.wire import ProtocolError
 
 EXAMPLES: list[Message] = [
     Open(1, "example.com", 443),

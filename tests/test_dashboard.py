@@ -7,8 +7,8 @@ import io
 import pyte
 from rich.console import Console
 
-from stripeproxy.dashboard import LogTail, human_bytes, human_rate, render
-from stripeproxy.observe import Snapshot, StreamRow, SubflowRow
+from stripeproxy.ops.dashboard import LogTail, human_bytes, human_rate, render
+from stripeproxy.ops.observe import Snapshot, StreamRow, SubflowRow
 
 MiB = 1024 * 1024
 

@@ -47,7 +47,7 @@ from helpers import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from stripeproxy import client_tap, server_tap
+from stripeproxy.cli import client_tap, server_tap
 
 DEPLOY = REPO / "deploy"
 SYSTEMD = DEPLOY / "systemd"

@@ -3,7 +3,7 @@
 Topology: echo target <- stripe-server <- FaultRelay <- stripe-client, every
 piece in this process on real loopback sockets (see tests/helpers.py).  The
 client's ``--server`` is the relay, so each subflow is one relay
-:class:`~stripeproxy.faults.Link` that the test can break on purpose while a
+:class:`~stripeproxy.testing.faults.Link` that the test can break on purpose while a
 64 MiB transfer runs in a thread.  Faults fire from the reactor once the
 transfer is under way (the relay's byte counters say when), never after a
 fixed sleep.  Times are printed (``-s``) for information only: nothing here
@@ -46,8 +46,8 @@ from helpers import (
 )
 from twisted.internet import defer
 
-from stripeproxy.driver import SessionDriver
-from stripeproxy.faults import FaultRelay, Link
+from stripeproxy.net.driver import SessionDriver
+from stripeproxy.testing.faults import FaultRelay, Link
 
 MODES = [pytest.param(True, id="tls"), pytest.param(False, id="plain")]
 K = 4

@@ -124,7 +124,7 @@ def run_consumer(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]
 def _parse_connect(buffer: bytes) -> tuple[int, str, int, int] | None:
     """(ATYP, host, port, bytes used) of a complete CONNECT request, else None.
 
-    Written independently of stripeproxy.address on purpose, so the
+    Written independently of stripeproxy.core.address on purpose, so the
     consumer's encoding is checked against a second implementation.
     """
     if len(buffer) < 5:

@@ -31,9 +31,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.python.usage import UsageError
 
-from stripeproxy import server_tap, wire
-from stripeproxy.options import MIN_MAX_FRAME_KIB
-from stripeproxy.session import MiB
+from stripeproxy.cli import server_tap
+from stripeproxy.cli.options import MIN_MAX_FRAME_KIB
+from stripeproxy.core import wire
+from stripeproxy.core.session import MiB
 from stripeproxy.testing import C2S, CLIENT, S2C, SessionPair
 
 GARBAGE_CONNECTIONS = 1000

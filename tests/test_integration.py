@@ -60,7 +60,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.server import Site
 from twisted.web.static import File
 
-from stripeproxy import socks5, wire
+from stripeproxy.core import socks5, wire
 
 MODES = [pytest.param(True, id="tls"), pytest.param(False, id="plain")]
 REPO = Path(__file__).resolve().parent.parent

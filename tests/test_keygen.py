@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from stripeproxy.keygen import generate_self_signed, load_keys, main, write_psk
-from stripeproxy.tls import certificate_fingerprint, load_server_tls
+from stripeproxy.cli.keygen import generate_self_signed, load_keys, main, write_psk
+from stripeproxy.net.tls import certificate_fingerprint, load_server_tls
 
 NAMES = ("server.crt", "server.key", "psk.key")
 

@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.internet import StreamServerEndpointService
 from twisted.web.server import Site
 
-from stripeproxy.observe import Monitor
-from stripeproxy.session import KiB, MiB, Session
+from stripeproxy.core.session import KiB, MiB, Session
+from stripeproxy.ops.observe import Monitor
 from stripeproxy.testing import CLIENT, SessionPair
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from twisted.logger import LogEvent, Logger, formatEvent
 
-from stripeproxy.options import check_host_tuning
+from stripeproxy.cli.options import check_host_tuning
 
 
 @pytest.mark.parametrize(("value", "hinted"), [("1\n", True), ("0\n", False)])

@@ -103,8 +103,8 @@ def test_wheel_installs_twistd_plugins(tmp_path: Path) -> None:
     assert Path(probe["plugin"]).is_relative_to(site_packages), probe
     assert {"stripe-client", "stripe-server"} <= set(probe["taps"]), probe
     assert probe["options"] == {
-        "stripe-client": "stripeproxy.client_tap",
-        "stripe-server": "stripeproxy.server_tap",
+        "stripe-client": "stripeproxy.cli.client_tap",
+        "stripe-server": "stripeproxy.cli.server_tap",
     }
 
     twistd = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stripeproxy.policy import Rule, TargetPolicy, parse_rule
+from stripeproxy.core.policy import Rule, TargetPolicy, parse_rule
 
 
 @pytest.mark.parametrize(

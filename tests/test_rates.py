@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stripeproxy.rates import RateBook, SlidingRate
+from stripeproxy.ops.rates import RateBook, SlidingRate
 
 
 def test_rate_is_zero_until_two_samples() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from stripeproxy import wire
-from stripeproxy.session import KiB, MiB, SessionConfig
+from stripeproxy.core import wire
+from stripeproxy.core.session import KiB, MiB, SessionConfig
 from stripeproxy.testing import C2S, CLIENT, S2C, SERVER, SessionPair
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from stripeproxy.scheduler import AdaptiveScheduler, LeastQueuedScheduler, make_scheduler
+from stripeproxy.core.scheduler import AdaptiveScheduler, LeastQueuedScheduler, make_scheduler
 
 
 @dataclass

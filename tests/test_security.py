@@ -27,12 +27,13 @@ from helpers import (
 from twisted.internet.task import Clock
 from twisted.python.usage import UsageError
 
-from stripeproxy import handshake, server_tap, socks5, wire
-from stripeproxy.guard import AuthGuard
-from stripeproxy.keygen import load_keys, write_psk
-from stripeproxy.keygen import main as keygen_main
-from stripeproxy.server import ServerSettings, SessionRegistry
-from stripeproxy.session import MiB, SessionConfig
+from stripeproxy.cli import server_tap
+from stripeproxy.cli.keygen import load_keys, write_psk
+from stripeproxy.cli.keygen import main as keygen_main
+from stripeproxy.core import handshake, socks5, wire
+from stripeproxy.core.guard import AuthGuard
+from stripeproxy.core.session import MiB, SessionConfig
+from stripeproxy.net.server import ServerSettings, SessionRegistry
 
 
 def test_auth_guard_counts_per_address_within_the_window() -> None:

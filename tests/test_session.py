@@ -16,9 +16,9 @@ from unittest import mock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stripeproxy import control, wire
-from stripeproxy import session as session_module
-from stripeproxy.session import (
+from stripeproxy.core import control, wire
+from stripeproxy.core import session as session_module
+from stripeproxy.core.session import (
     INITIAL_WINDOW,
     RESET_GENERAL,
     RESET_IDLE,

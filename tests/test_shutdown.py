@@ -18,7 +18,7 @@ from helpers import (
 )
 from twisted.internet import defer
 
-from stripeproxy.session import RESET_GENERAL, MiB
+from stripeproxy.core.session import RESET_GENERAL, MiB
 from stripeproxy.testing import CLIENT, SERVER, SessionPair
 
 

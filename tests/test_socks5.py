@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stripeproxy.address import ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6, AddressError, encode_address
-from stripeproxy.socks5 import (
+from stripeproxy.core.address import ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6, AddressError, encode_address
+from stripeproxy.core.socks5 import (
     MAX_BUFFERED,
     REPLY_ADDRESS_TYPE_NOT_SUPPORTED,
     REPLY_COMMAND_NOT_SUPPORTED,

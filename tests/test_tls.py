@@ -1,4 +1,4 @@
-"""Real in-memory TLS handshakes against the options built by stripeproxy.tls.
+"""Real in-memory TLS handshakes against the options built by stripeproxy.net.tls.
 
 Each test wires a server and a client TLSMemoryBIOFactory together with
 twisted.test.iosim, so the full OpenSSL handshake (and its verify callbacks)
@@ -29,8 +29,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 
-from stripeproxy.keygen import generate_self_signed
-from stripeproxy.tls import (
+from stripeproxy.cli.keygen import generate_self_signed
+from stripeproxy.net.tls import (
     certificate_fingerprint,
     client_tls_creator,
     format_fingerprint,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stripeproxy import wire
-from stripeproxy.wire import (
+from stripeproxy.core import wire
+from stripeproxy.core.wire import (
     Ack,
     Auth,
     Challenge,

@@ -45,9 +45,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from stripeproxy.endpoints import parse_host_port
 from stripeproxy.harness import _cli
 from stripeproxy.harness.socks5_client import SOCKS5ClientEndpoint, SOCKS5Error
+from stripeproxy.net.endpoints import parse_host_port
 
 if TYPE_CHECKING:
     from stripeproxy.harness.dashboard import ConsumerView, LiveDashboard

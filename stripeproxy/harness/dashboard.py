@@ -1,10 +1,10 @@
 """Live terminal dashboards for ``stripe-test-target`` and ``stripe-test-consumer``.
 
-Built like the proxy's dashboard (:mod:`stripeproxy.dashboard`): a sampler
+Built like the proxy's dashboard (:mod:`stripeproxy.ops.dashboard`): a sampler
 turns the live counters (:class:`~stripeproxy.harness.target.TargetStats`,
 :class:`~stripeproxy.harness.consumer.ConsumerProgress`) into a frozen view
 every 500 ms on an injected clock, with 10-second sliding-window rates from
-:class:`~stripeproxy.rates.SlidingRate`; drawing is a pure function of a
+:class:`~stripeproxy.ops.rates.SlidingRate`; drawing is a pure function of a
 view, so tests can draw a known state into a fixed-size virtual terminal and
 read the numbers back.
 
@@ -30,9 +30,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import FilteringLogObserver, LogPublisher, globalLogPublisher
 
-from stripeproxy.dashboard import LogTail, human_bytes, human_rate
 from stripeproxy.harness._cli import StderrLog, drop_factory_chatter, isatty
-from stripeproxy.rates import PERIOD, WINDOW, SlidingRate
+from stripeproxy.ops.dashboard import LogTail, human_bytes, human_rate
+from stripeproxy.ops.rates import PERIOD, WINDOW, SlidingRate
 
 if TYPE_CHECKING:
     from stripeproxy.harness.consumer import ConsumerProgress, UploadResult

@@ -29,7 +29,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from stripeproxy.address import AddressError, decode_address, encode_address
+from stripeproxy.core.address import AddressError, decode_address, encode_address
 
 __all__ = ["REPLY_MEANINGS", "SOCKS5ClientEndpoint", "SOCKS5Error"]
 

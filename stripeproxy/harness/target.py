@@ -29,8 +29,8 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from stripeproxy.endpoints import is_endpoint_string, parse_host_port, server_endpoint
 from stripeproxy.harness import _cli
+from stripeproxy.net.endpoints import is_endpoint_string, parse_host_port, server_endpoint
 
 __all__ = ["TargetOptions", "TargetSite", "TargetStats", "listen", "main"]
 

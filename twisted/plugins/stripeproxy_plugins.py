@@ -3,8 +3,14 @@
 from twisted.application.service import ServiceMaker
 
 stripe_client = ServiceMaker(
-    "stripe-client", "stripeproxy.client_tap", "Striping SOCKS5 overlay client.", "stripe-client"
+    "stripe-client",
+    "stripeproxy.cli.client_tap",
+    "Striping SOCKS5 overlay client.",
+    "stripe-client",
 )
 stripe_server = ServiceMaker(
-    "stripe-server", "stripeproxy.server_tap", "Striping SOCKS5 overlay server.", "stripe-server"
+    "stripe-server",
+    "stripeproxy.cli.server_tap",
+    "Striping SOCKS5 overlay server.",
+    "stripe-server",
 )

@@ -1,0 +1,410 @@
+"""WAN scenario: goodput over an emulated long, lossy or fast link.
+
+The link is the shared wanem emulator (``setup.sh up/down``, a userspace
+emulator between namespaces ``wa`` 10.199.1.1 and ``wb`` 10.199.1.2), or
+kernel netem on a veth pair when ``tc ... netem`` works on this kernel.
+The sender and stripe-client run in ``wa``; stripe-server and the sink in
+``wb`` (the server reaches the sink on ``wb``'s loopback).  For every
+profile x congestion control, each repetition runs back to back, ``--time``
+seconds of sending each:
+
+- upload: one direct TCP flow; K parallel TCP flows for every K > 1 in
+  ``--k`` (aggregate); the overlay with every K, through SOCKS5;
+- download: one direct flow and the overlay at K = 6.
+
+Goodput counts from the first byte written until the sink's receipt for
+the last one (upload) or until EOF (download), in Mbit/s.  The emulator
+is brought down in a ``finally`` even when a run fails; it is never taken
+down if it was already up before we started (someone else's run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import Context, send_argv, transfer
+from bench.latency import ttfb_argv
+from bench.procs import (
+    BenchError,
+    Proc,
+    ProcessGroup,
+    client_args,
+    read_cpu_seconds,
+    run_json,
+    server_args,
+    sysctl,
+    wait_listening,
+    wait_subflows,
+)
+from bench.stats import Goal, Result, ScenarioReport, median
+
+log = logging.getLogger("bench.wan")
+
+NS_A, NS_B = "wa", "wb"
+IP_A, IP_B = "10.199.1.1", "10.199.1.2"
+SINK_PORT = 5301
+SERVER_PORT = 8443
+
+# name: (one-way delay ms, loss % per direction, rate Mbit/s) -- wanem README
+PROFILES: dict[str, tuple[float, float, float]] = {
+    "P1": (20, 0.0, 200),
+    "P2": (20, 0.5, 200),
+    "P3": (40, 1.0, 100),
+    "P4": (1, 0.0, 500),
+}
+
+
+def profile_title(name: str) -> str:
+    delay, loss, rate = PROFILES[name]
+    return f"{name} {2 * delay:g} ms RTT, {loss:g} % loss, {rate:g} Mbit/s"
+
+
+def goals_for(profile: str, cc: str) -> dict[str, Goal]:
+    """The issue's goals for overlay K=6 upload in this profile x cc."""
+    if cc == "cubic" and profile in ("P2", "P3"):
+        return {
+            "vs tcp6": Goal(">=", 0.9, ">= 0.9 x 6 x TCP"),
+            "vs direct": Goal(">=", 4.0, ">= 4 x direct"),
+        }
+    return {"vs direct": Goal(">=", 0.95, ">= 0.95 x direct")}
+
+
+def ns_exists(name: str) -> bool:
+    return Path(f"/var/run/netns/{name}").exists()
+
+
+def _sh(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    if check and r.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} failed: {r.stderr.strip() or r.stdout.strip()}")
+    return r
+
+
+def netem_works() -> bool:
+    """Whether ``tc qdisc add ... netem`` works here (tried in a throwaway namespace)."""
+    probe = f"sbprobe{os.getpid()}"
+    if _sh(["ip", "netns", "add", probe], check=False).returncode != 0:
+        return False
+    try:
+        r = _sh(
+            ["tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"], False
+        )
+        return r.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        _sh(["ip", "netns", "del", probe], check=False)
+
+
+class Link:
+    """The emulated link between ``wa`` and ``wb``."""
+
+    kind = ""
+
+    def up(
+        self, delay: float, loss: float, rate: float, cc: str, extra: Sequence[str] = ()
+    ) -> None:
+        """Bring the link up; ``extra`` are emulator options (wanem only)."""
+        raise NotImplementedError
+
+    def down(self) -> str:
+        raise NotImplementedError
+
+    def emulator_pid(self) -> int | None:
+        return None
+
+
+@dataclass
+class Wanem(Link):
+    """The shared userspace emulator, driven only through its ``setup.sh``."""
+
+    directory: Path
+    kind = "wanem (userspace linkem)"
+
+    def up(
+        self, delay: float, loss: float, rate: float, cc: str, extra: Sequence[str] = ()
+    ) -> None:
+        argv = [str(self.directory / "setup.sh"), "up", "--delay", f"{delay:g}"]
+        argv += ["--loss", f"{loss:g}", "--rate", f"{rate:g}", "--cc", cc, *extra]
+        _sh(argv)
+
+    def down(self) -> str:
+        r = _sh([str(self.directory / "setup.sh"), "down"], check=False)
+        return r.stdout + r.stderr
+
+    def emulator_pid(self) -> int | None:
+        try:
+            run = os.environ.get("WANEM_RUN", "/run/wanem")
+            return int(Path(run, "linkem.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+
+class Netem(Link):
+    """Kernel netem on a veth pair, same names and addresses as wanem."""
+
+    kind = "netem (veth)"
+
+    def up(
+        self, delay: float, loss: float, rate: float, cc: str, extra: Sequence[str] = ()
+    ) -> None:
+        if extra:
+            raise BenchError(f"netem cannot do {' '.join(extra)}")
+        for ns in (NS_A, NS_B):
+            _sh(["ip", "netns", "add", ns])
+            _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _sh(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_no_metrics_save=1"])
+            _sh(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    f"net.ipv4.tcp_congestion_control={cc}",
+                ]
+            )
+        _sh(
+            [
+                "ip",
+                "link",
+                "add",
+                "tw0",
+                "netns",
+                NS_A,
+                "type",
+                "veth",
+                "peer",
+                "tw1",
+                "netns",
+                NS_B,
+            ]
+        )
+        for ns, dev, ip in ((NS_A, "tw0", IP_A), (NS_B, "tw1", IP_B)):
+            _sh(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
+            _sh(["ip", "-n", ns, "link", "set", dev, "up"])
+            netem = ["delay", f"{delay:g}ms", "loss", f"{loss:g}%", "limit", "1000"]
+            if rate:
+                netem += ["rate", f"{rate:g}mbit"]
+            _sh(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "netem", *netem])
+
+    def down(self) -> str:
+        for ns in (NS_A, NS_B):
+            if ns_exists(ns):
+                _sh(["ip", "netns", "del", ns], check=False)
+        return "netem down"
+
+
+def keep_idle_connections_warm() -> None:
+    """Turn off TCP's slow start after idle in both namespaces.
+
+    Prewarmed subflows sit idle between transfers; by default Linux then
+    shrinks their congestion window back to the initial window while keeping
+    the slow-start threshold a past loss left, so a new transfer crawls up
+    in congestion avoidance, while a direct connection gets a fresh slow
+    start.  Measured on P3 (80 ms, 1 %): overlay K=1 went from 0.73 x to
+    about 1.1 x one direct flow.  README "Performance" tells operators to
+    set the same sysctl; fresh connections (direct, K x TCP) are unaffected.
+    """
+    for ns in (NS_A, NS_B):
+        _sh(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_slow_start_after_idle=0"])
+
+
+def make_link(ctx: Context) -> Link:
+    return Netem() if netem_works() else Wanem(ctx.wanem_dir)
+
+
+def run(ctx: Context) -> list[ScenarioReport]:
+    if os.geteuid() != 0:
+        sc = ScenarioReport("wan", "wan", None, {})
+        sc.error = "needs root (network namespaces)"
+        return [sc]
+    link = make_link(ctx)
+    log.info("wan: using %s", link.kind)
+    reports = []
+    for cc in ctx.ccs:
+        for prof in ctx.profiles:
+            t0 = time.monotonic()
+            sc = ScenarioReport(
+                f"wan-{prof}-{cc}",
+                f"wan {profile_title(prof)}",
+                cc,
+                {
+                    "profile": prof,
+                    "delay_ms_one_way": PROFILES[prof][0],
+                    "loss_pct": PROFILES[prof][1],
+                    "rate_mbit": PROFILES[prof][2],
+                    "seconds": ctx.seconds,
+                    "k": list(ctx.ks),
+                    "reps": ctx.reps,
+                    "tls": ctx.wan_tls,
+                    "link": link.kind,
+                },
+            )
+            try:
+                _run_profile(ctx, link, prof, cc, sc)
+            except Exception as e:
+                log.error("wan %s %s failed: %s", prof, cc, e)
+                sc.error = str(e)
+            sc.seconds = time.monotonic() - t0
+            reports.append(sc)
+            if ctx.extra.get("on_report"):
+                ctx.extra["on_report"](sc)
+    return reports
+
+
+def _cases(ks: list[int]) -> tuple[list[tuple[str, int, int | None, bool]], int]:
+    """(case, streams, overlay K or None, download) in run order, and the download K."""
+    cases: list[tuple[str, int, int | None, bool]] = [("direct", 1, None, False)]
+    cases += [(f"{k} x TCP", k, None, False) for k in ks if k > 1]
+    cases += [(f"overlay K={k}", 1, k, False) for k in ks]
+    k_down = 6 if 6 in ks else max(ks)
+    cases += [("direct download", 1, None, True), (f"overlay K={k_down} download", 1, k_down, True)]
+    return cases, k_down
+
+
+def _run_profile(ctx: Context, link: Link, prof: str, cc: str, sc: ScenarioReport) -> None:
+    if ns_exists(NS_A) or ns_exists(NS_B):
+        raise BenchError("namespaces wa/wb already exist: the emulator is in use; not touching it")
+    delay, loss, rate = PROFILES[prof]
+    ks = sorted(set(ctx.ks))
+    workdir = ctx.workdir / f"wan-{prof}-{cc}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        link.up(delay, loss, rate, cc)
+        keep_idle_connections_warm()
+        sc.data["tcp_slow_start_after_idle"] = sysctl("net.ipv4.tcp_slow_start_after_idle", NS_A)
+        with ProcessGroup(workdir) as g:
+            _measure(ctx, link, g, sc, prof, cc, ks)
+    finally:
+        sc.data["link_down"] = link.down()[-3000:]
+
+
+def start_far_end(ctx: Context, g: ProcessGroup) -> Proc:
+    """The sink and stripe-server in namespace ``wb``; returns the server."""
+    g.start_traffic_server("sink", ns=NS_B, bind="0.0.0.0", port=SINK_PORT)
+    server = g.start_twistd(
+        "stripe-server",
+        "stripe-server",
+        server_args(ctx.keys, f"{IP_B}:{SERVER_PORT}", ctx.wan_tls),
+        ns=NS_B,
+    )
+    wait_listening(server, SERVER_PORT)
+    return server
+
+
+def start_client(
+    ctx: Context, g: ProcessGroup, name: str, socks_port: int, k: int, extra: Sequence[str] = ()
+) -> Proc:
+    """A stripe-client in ``wa`` with SOCKS on ``socks_port``, started without waiting."""
+    args = client_args(ctx.keys, f"{IP_B}:{SERVER_PORT}", f"127.0.0.1:{socks_port}", k, ctx.wan_tls)
+    return g.start_twistd(name, "stripe-client", [*args, *extra], ns=NS_A)
+
+
+def wait_client(client: Proc, socks_port: int, k: int) -> None:
+    """Until the client listens for SOCKS and has its ``k`` subflows up."""
+    wait_listening(client, socks_port)
+    wait_subflows(client, SERVER_PORT, k, timeout=60)
+
+
+def _measure(
+    ctx: Context,
+    link: Link,
+    g: ProcessGroup,
+    sc: ScenarioReport,
+    prof: str,
+    cc: str,
+    ks: list[int],
+) -> None:
+    server = start_far_end(ctx, g)
+    clients = {k: start_client(ctx, g, f"stripe-client-k{k}", 1080 + k, k) for k in ks}
+    for k, c in clients.items():
+        wait_client(c, 1080 + k, k)
+    sc.congestion_control = sysctl("net.ipv4.tcp_congestion_control", NS_A)
+    sc.data["cc_wb"] = sysctl("net.ipv4.tcp_congestion_control", NS_B)
+    rtt = run_json(ttfb_argv((IP_B, SINK_PORT), None, 10, connect_only=True), ns=NS_A)
+    sc.data["rtt_ms"] = median(x * 1000 for x in rtt["latencies"])
+    cases, k_down = _cases(ks)
+    goodput: dict[str, list[float | None]] = {c[0]: [] for c in cases}
+    # Sending stops after --time, but whatever the path buffered still has to
+    # arrive: the run length shows how much a path queues (the overlay's local
+    # leg can hold megabytes in kernel socket buffers on a slow link).
+    length: dict[str, list[float | None]] = {c[0]: [] for c in cases}
+    extra: dict[str, list[dict[str, Any]]] = {c[0]: [] for c in cases}
+    linkem = link.emulator_pid()
+    for rep in range(ctx.reps):
+        for case, streams, via_k, download in cases:
+            target = (IP_B, SINK_PORT) if via_k is None else ("127.0.0.1", SINK_PORT)
+            socks = None if via_k is None else ("127.0.0.1", 1080 + via_k)
+            argv = send_argv(target, socks, streams, 0, ctx.seconds, download)
+            watch = {"client": clients[via_k], "server": server} if via_k is not None else {}
+            emu0 = _cpu_or_none(linkem)
+            try:
+                t = transfer(argv, watch, ns=NS_A, timeout=ctx.seconds + 240)
+            except Exception as e:
+                log.warning("wan %s %s %s rep %d failed: %s", prof, cc, case, rep + 1, e)
+                sc.notes.append(f"{case} rep {rep + 1} failed: {e}")
+                goodput[case].append(None)
+                length[case].append(None)
+                continue
+            emu1 = _cpu_or_none(linkem)
+            info: dict[str, Any] = {
+                "seconds": t.seconds,
+                "bytes": t.bytes,
+                "client_busy": t.cpu_share("client"),
+                "server_busy": t.cpu_share("server"),
+            }
+            if emu0 is not None and emu1 is not None:
+                info["emulator_busy"] = (emu1 - emu0) / t.wall
+            goodput[case].append(t.mbit_per_s)
+            length[case].append(t.seconds)
+            extra[case].append(info)
+            log.info("wan %s %s rep %d %s: %.2f Mbit/s", prof, cc, rep + 1, case, t.mbit_per_s)
+            time.sleep(1.0)
+    for case, _, _, _ in cases:
+        sc.add(Result(case, "goodput", "Mbit/s", goodput[case], extra={"runs": extra[case]}))
+        sc.add(Result(case, "run length", "s", length[case]))
+    goals = goals_for(prof, cc)
+    if 6 in ks:
+        sc.ratio(
+            "overlay K=6 / 6 x TCP",
+            ("overlay K=6", "goodput"),
+            ("6 x TCP", "goodput"),
+            goals.get("vs tcp6"),
+        )
+    for k in ks:
+        sc.ratio(
+            f"overlay K={k} / direct",
+            (f"overlay K={k}", "goodput"),
+            ("direct", "goodput"),
+            goals.get("vs direct") if k == 6 else None,
+        )
+    sc.ratio(
+        f"overlay K={k_down} / direct, download",
+        (f"overlay K={k_down} download", "goodput"),
+        ("direct download", "goodput"),
+    )
+    rtt_ms = sc.data.get("rtt_ms")
+    sc.notes.append(
+        f"link {link.kind}; TCP connect RTT {rtt_ms:.1f} ms; cc wa={sc.congestion_control} "
+        f"wb={sc.data['cc_wb']}"
+        if rtt_ms is not None
+        else f"link {link.kind}"
+    )
+
+
+def _cpu_or_none(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        return read_cpu_seconds(pid)
+    except OSError:
+        return None

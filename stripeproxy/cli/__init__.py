@@ -1,0 +1,1 @@
+"""Entry points: ``twistd`` taps (Options + makeService) and the key tool."""

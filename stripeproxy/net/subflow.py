@@ -1,0 +1,200 @@
+"""One overlay subflow: a TCP (usually TLS) connection carrying frames.
+
+The protocol authenticates first (SPEC.md section 2) and only then hands
+frames to its session's driver.  It is also the transport's push producer,
+so a full socket buffer pauses the scheduler's use of this subflow: that is
+how the scheduler learns which subflow can take the next chunk.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from stripeproxy.core import wire
+from stripeproxy.net.driver import SessionDriver
+
+# Keep the kernel's unsent backlog per subflow small, so the scheduler, not
+# a deep socket buffer, decides where the next chunk goes (DESIGN.md).
+NOTSENT_LOWAT = 128 * 1024
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+def find_socket(transport: Any) -> socket.socket | None:
+    """The TCP socket under a (possibly TLS-wrapped) Twisted transport."""
+    for _ in range(4):
+        if transport is None:
+            return None
+        get_handle = getattr(transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        if isinstance(handle, socket.socket):
+            return handle
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+def tune_socket(transport: Any, congestion: str | None = None) -> None:
+    sock = find_socket(transport)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        if congestion:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+    except OSError as e:
+        Logger().warn("could not tune subflow socket: {error}", error=e)
+
+
+@implementer(IPushProducer)
+class SubflowProtocol(Protocol):
+    """Frames in, frames out; the handshake lives in the subclasses."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        crc: bool,
+        handshake_timeout: float,
+        max_body: int = wire.DEFAULT_MAX_BODY,
+        congestion: str | None = None,
+    ) -> None:
+        self.clock = clock
+        self.crc = crc
+        # Small until the peer has authenticated (SPEC.md section 3).
+        self.decoder = wire.FrameDecoder(crc, wire.HANDSHAKE_MAX_BODY)
+        self.max_body = max_body
+        self.handshake_timeout = handshake_timeout
+        self.congestion = congestion
+        self.driver: SessionDriver | None = None
+        self.sid = 0
+        self._handshake_timer: IDelayedCall | None = None
+        self._gone = False
+
+    @property
+    def peer(self) -> str:
+        if self.transport is None:
+            return "?"
+        address = self.transport.getPeer()
+        host = getattr(address, "host", None)
+        return f"{host}:{getattr(address, 'port', '')}" if host else str(address)
+
+    def connectionMade(self) -> None:
+        tune_socket(self.transport, self.congestion)
+        self._handshake_timer = self.clock.callLater(
+            self.handshake_timeout, self._handshake_expired
+        )
+        self.start_handshake()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._gone:
+            return
+        try:
+            # During the handshake, one frame at a time: the frames behind the
+            # one that completes it are decoded under the session's frame limit.
+            while self.driver is None:
+                frames = self.decoder.feed(data, max_frames=1)
+                data = b""
+                if not frames:
+                    return
+                self.handshake_frame(frames[0])
+                if self._gone:
+                    return
+            frames = self.decoder.feed(data)
+        except wire.ProtocolError as e:
+            self.fail(str(e))
+            return
+        if frames:
+            self.driver.frames(self.sid, frames)
+
+    def joined(self, driver: SessionDriver) -> None:
+        """The handshake succeeded: from now on frames go to the session."""
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        self.decoder.max_body = self.max_body
+        self.driver = driver
+        assert self.transport is not None
+        self.transport.registerProducer(self, True)
+        driver.attach(self)  # sets self.sid
+
+    def _handshake_expired(self) -> None:
+        """Still not in a session: close, even if a REJECT is already on its
+        way (a peer that never closes after it must not keep the socket)."""
+        self._handshake_timer = None
+        if self._gone:
+            self.abort()
+        else:
+            self.fail("handshake timed out")
+
+    def fail(self, reason: str) -> None:
+        """Close this subflow because of ``reason`` (logged with the peer)."""
+        if self._gone:
+            return
+        self.log.info("subflow {peer}: {reason}", peer=self.peer, reason=reason)
+        self.abort()
+
+    def abort(self) -> None:
+        self._gone = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._gone = True
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        if self.driver is not None:
+            self.driver.detach(self.sid)
+        self.lost(reason)
+
+    # IPushProducer: the transport tells us when its buffer fills and drains.
+    def pauseProducing(self) -> None:
+        if self.driver is not None:
+            self.driver.writable(self.sid, False)
+
+    def resumeProducing(self) -> None:
+        if self._closing_underneath():
+            # A TLS error (or the peer's close_notify) makes TLSMemoryBIOProtocol
+            # call loseConnection() on the TCP transport.  If that transport's
+            # buffer was full, it has this subflow as a paused producer, and once
+            # the buffer drains it resumes us instead of closing; the dead TLS
+            # layer then drops every write and the subflow would linger, silent,
+            # until the dead interval.  Finish the close now.
+            self.fail("the connection under the subflow is closing (TLS error or close)")
+            return
+        if self.driver is not None:
+            self.driver.writable(self.sid, True)
+
+    def _closing_underneath(self) -> bool:
+        """The TCP transport under our (TLS) transport is shutting down.
+
+        We never call loseConnection() on a subflow ourselves (we abort), so a
+        lower transport that is disconnecting was closed by the layer above it.
+        """
+        lower = getattr(self.transport, "transport", None)
+        return bool(getattr(lower, "disconnecting", False))
+
+    def stopProducing(self) -> None:
+        """connectionLost follows; nothing to do here."""
+
+    # Subclass hooks.
+    def start_handshake(self) -> None:
+        raise NotImplementedError
+
+    def handshake_frame(self, frame: wire.Frame) -> None:
+        raise NotImplementedError
+
+    def lost(self, reason: Failure | None) -> None:
+        """Called after the subflow is gone (client re-dial bookkeeping)."""
+
+    def write_frame(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)

@@ -1,0 +1,90 @@
+"""Dialling the target of a stream: resolve, check the policy, connect.
+
+The server's ordinary TCP connection to the requested target is a
+:class:`~stripeproxy.net.local.LocalStream` like the SOCKS side.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import (
+    IAddress,
+    IHostResolution,
+    IResolutionReceiver,
+)
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from stripeproxy.core import socks5
+from stripeproxy.net.local import LocalStream
+
+
+@implementer(IResolutionReceiver)
+class _Addresses:
+    """Collects every address a name resolves to (Twisted's resolver API)."""
+
+    def __init__(self) -> None:
+        self.result: defer.Deferred[list[str]] = defer.Deferred()
+        self.hosts: list[str] = []
+
+    def resolutionBegan(self, resolution: IHostResolution) -> None:
+        """Nothing to do until addresses arrive."""
+
+    def addressResolved(self, address: IAddress) -> None:
+        self.hosts.append(address.host)  # type: ignore[attr-defined]
+
+    def resolutionComplete(self) -> None:
+        if not self.result.called:
+            self.result.callback(self.hosts)
+
+
+def resolve(reactor: Any, host: str, port: int) -> defer.Deferred[list[str]]:
+    """Every address of ``host`` (an IP literal resolves to itself)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        receiver = _Addresses()
+        reactor.nameResolver.resolveHostName(receiver, host, port)
+        return receiver.result
+    return defer.succeed([host])
+
+
+class TargetDenied(Exception):
+    """The target policy forbids every address of the requested target."""
+
+
+def reply_code_for(failure: Failure) -> int:
+    """Map a failed target connection to the SOCKS5 reply the client will see."""
+    exc = failure.value
+    if isinstance(exc, TargetDenied):
+        return socks5.REPLY_NOT_ALLOWED
+    if isinstance(exc, error.ConnectionRefusedError):
+        return socks5.REPLY_CONNECTION_REFUSED
+    if isinstance(exc, error.DNSLookupError):
+        return socks5.REPLY_HOST_UNREACHABLE
+    if isinstance(exc, error.TimeoutError | defer.TimeoutError | defer.CancelledError):
+        return socks5.REPLY_TTL_EXPIRED
+    if isinstance(exc, error.NoRouteError):
+        return socks5.REPLY_HOST_UNREACHABLE
+    if isinstance(exc, error.ConnectError) and exc.osError is not None:
+        if exc.osError == errno.ENETUNREACH:
+            return socks5.REPLY_NETWORK_UNREACHABLE
+        if exc.osError == errno.EHOSTUNREACH:
+            return socks5.REPLY_HOST_UNREACHABLE
+    return socks5.REPLY_GENERAL_FAILURE
+
+
+class TargetProtocol(LocalStream):
+    """The server's ordinary TCP connection to the requested target."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.forward(data)
+
+
+_TARGET_FACTORY = Factory.forProtocol(TargetProtocol)
+_TARGET_FACTORY.noisy = False

@@ -1,0 +1,3 @@
+"""Operations: sliding-window counters, the terminal dashboard and the
+Prometheus endpoint shared by both taps.
+"""

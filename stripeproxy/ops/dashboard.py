@@ -1,0 +1,152 @@
+"""Live terminal dashboard for stripe-client and stripe-server (uses ``rich``).
+
+Rendering is a pure function of a :class:`~stripeproxy.ops.observe.Snapshot`,
+so tests can draw a known state into a fixed-size console and read it back.
+The :class:`Dashboard` service redraws on every monitor sample (500 ms) and
+shows recent log lines in a panel, so logging never tears the screen.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+from twisted.application.service import Service
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from zope.interface import implementer
+
+from stripeproxy.ops.observe import Monitor, Snapshot
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def human_bytes(value: float) -> str:
+    """1536 -> '1.5 KiB': short and unambiguous (binary units)."""
+    for unit in _UNITS:
+        if abs(value) < 1024 or unit == _UNITS[-1]:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_rate(value: float) -> str:
+    return human_bytes(value) + "/s"
+
+
+def render(snapshot: Snapshot, log_lines: list[str] | None = None) -> RenderableType:
+    """Draw one snapshot: header, subflow table with totals, streams, log panel."""
+    rates = snapshot.rates
+    header = Text.assemble(
+        (f"stripe-{snapshot.role}", "bold"),
+        f"  sessions {snapshot.sessions}  subflows {len(snapshot.subflows)}"
+        f"  streams {snapshot.streams_open}  window {snapshot.window:g} s"
+        f"  buffered {human_bytes(snapshot.buffered)}"
+        f"  retransmitted {human_bytes(snapshot.retransmitted)}"
+        f"  subflows lost {snapshot.subflows_lost}  re-dials {snapshot.redials}",
+    )
+    subflows = Table(title="subflows", expand=True, title_justify="left")
+    for name in ("session", "#", "peer", "state", "RTT ms"):
+        subflows.add_column(name)
+    for name in ("TX real", "TX dummy", "RX real", "RX dummy", "retx", "in flight"):
+        subflows.add_column(name, justify="right")
+    for row in snapshot.subflows:
+        subflows.add_row(
+            row.session,
+            str(row.sid),
+            row.peer,
+            "up" if row.writable else "full",
+            f"{row.rtt_ms:.1f}" if row.rtt_ms is not None else "-",
+            human_rate(row.rates["tx_real"]),
+            human_rate(row.rates["tx_dummy"]),
+            human_rate(row.rates["rx_real"]),
+            human_rate(row.rates["rx_dummy"]),
+            human_bytes(row.retransmitted),
+            human_bytes(row.inflight),
+        )
+    subflows.add_section()
+    subflows.add_row(
+        "total",
+        "",
+        "",
+        "",
+        "",
+        human_rate(rates.get("tx_real", 0.0)),
+        human_rate(rates.get("tx_dummy", 0.0)),
+        human_rate(rates.get("rx_real", 0.0)),
+        human_rate(rates.get("rx_dummy", 0.0)),
+        human_bytes(snapshot.retransmitted),
+        "",
+        style="bold",
+    )
+    streams = Table(title="streams", expand=True, title_justify="left")
+    for name in ("session", "id", "target"):
+        streams.add_column(name)
+    for name in ("age s", "sent", "received", "send rate", "receive rate"):
+        streams.add_column(name, justify="right")
+    for st in sorted(snapshot.streams, key=lambda s: -(s.send_rate + s.receive_rate))[:20]:
+        streams.add_row(
+            st.session,
+            str(st.stream_id),
+            st.target,
+            f"{st.age:.0f}",
+            human_bytes(st.sent),
+            human_bytes(st.received),
+            human_rate(st.send_rate),
+            human_rate(st.receive_rate),
+        )
+    parts: list[RenderableType] = [header, subflows, streams]
+    if log_lines is not None:
+        parts.append(Panel("\n".join(log_lines) or " ", title="log", title_align="left"))
+    return Group(*parts)
+
+
+@implementer(ILogObserver)
+class LogTail:
+    """Keeps the last few formatted log lines for the dashboard's log panel."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.lines: deque[str] = deque(maxlen=size)
+
+    def __call__(self, event: LogEvent) -> None:
+        text = formatEvent(event)
+        if event.get("log_failure") is not None:
+            text += f" ({event['log_failure'].getErrorMessage()})"
+        if text:
+            self.lines.append(text.splitlines()[0][:200])
+
+
+class Dashboard(Service):
+    """Redraws the terminal on every monitor sample while the service runs."""
+
+    def __init__(self, monitor: Monitor, console: Console | None = None) -> None:
+        self.monitor = monitor
+        # twistd points sys.stdout at its log; the dashboard wants the terminal.
+        self.console = console or Console(file=sys.__stdout__)
+        self.tail = LogTail()
+        self._live: Live | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        globalLogPublisher.addObserver(self.tail)
+        self._live = Live(console=self.console, auto_refresh=False, screen=False)
+        self._live.start()
+        self.monitor.listeners.append(self._draw)
+
+    def _draw(self, snapshot: Snapshot) -> None:
+        if self._live is not None:
+            self._live.update(render(snapshot, list(self.tail.lines)), refresh=True)
+
+    def stopService(self) -> Any:
+        if self._draw in self.monitor.listeners:
+            self.monitor.listeners.remove(self._draw)
+        globalLogPublisher.removeObserver(self.tail)
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        return super().stopService()
