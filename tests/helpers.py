@@ -41,7 +41,8 @@ from stripeproxy.cli import client_tap, server_tap
 from stripeproxy.cli.keygen import generate_self_signed, write_psk
 from stripeproxy.core import wire
 from stripeproxy.net.client import ClientSessionDriver, Overlay
-from stripeproxy.net.server import ServerSessionDriver, SessionRegistry
+from stripeproxy.net.registry import SessionRegistry
+from stripeproxy.net.server import ServerSessionDriver
 from stripeproxy.net.server_subflow import SubflowFactory as ServerSubflowFactory
 from stripeproxy.net.socks import SocksFactory
 from stripeproxy.net.tls import certificate_fingerprint

@@ -33,7 +33,8 @@ from stripeproxy.cli.keygen import main as keygen_main
 from stripeproxy.core import handshake, socks5, wire
 from stripeproxy.core.guard import AuthGuard
 from stripeproxy.core.session import MiB, SessionConfig
-from stripeproxy.net.server import ServerSettings, SessionRegistry
+from stripeproxy.net.registry import SessionRegistry
+from stripeproxy.net.server import ServerSettings
 
 
 def test_auth_guard_counts_per_address_within_the_window() -> None:

@@ -20,8 +20,9 @@ from stripeproxy.cli.options import (
 )
 from stripeproxy.core.policy import Rule, TargetPolicy, parse_rule
 from stripeproxy.core.session import MiB
+from stripeproxy.net.drain import DrainService
 from stripeproxy.net.endpoints import server_endpoint
-from stripeproxy.net.server import DrainService, ServerSettings
+from stripeproxy.net.server import ServerSettings
 from stripeproxy.net.server_subflow import SubflowFactory
 from stripeproxy.net.tls import load_server_tls
 

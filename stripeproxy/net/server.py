@@ -1,23 +1,17 @@
-"""stripe-server: groups subflows into sessions, dials targets, drains on stop."""
+"""The server side of a session: OPEN requests become outgoing TCP connections."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IReactorTime,
-)
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stripeproxy.core import wire
 from stripeproxy.core.address import format_host_port
-from stripeproxy.core.guard import AuthGuard
 from stripeproxy.core.policy import TargetPolicy
 from stripeproxy.core.session import SessionConfig
 from stripeproxy.net.driver import SessionDriver
@@ -58,10 +52,15 @@ class ServerSettings:
 class ServerSessionDriver(SessionDriver):
     """A server session: OPEN requests become outgoing TCP connections."""
 
-    def __init__(self, settings: ServerSettings, registry: SessionRegistry, session_id: bytes):
+    def __init__(
+        self,
+        settings: ServerSettings,
+        session_id: bytes,
+        on_closed: Callable[[SessionDriver], None],
+    ) -> None:
         self.settings = settings
         self._pending: dict[int, defer.Deferred[Any]] = {}
-        super().__init__(settings.reactor, settings.config, session_id, registry.forget)
+        super().__init__(settings.reactor, settings.config, session_id, on_closed)
 
     def stream_open_requested(self, stream_id: int, host: str, port: int) -> None:
         self.log.debug(
@@ -128,113 +127,3 @@ class ServerSessionDriver(SessionDriver):
         if pending is not None:
             pending.cancel()
         super().stream_reset(stream_id, code)
-
-
-class SessionRegistry:
-    """The server's live sessions, keyed by (key id, session id)."""
-
-    def __init__(self, settings: ServerSettings) -> None:
-        self.settings = settings
-        self.sessions: dict[bytes, ServerSessionDriver] = {}
-        self.handshaking = 0  # subflows connected but not yet authenticated
-        self.handshakes_full = False  # the limit was hit and logged; reset below it
-        self.handshaking_from: dict[str, int] = {}  # the same, per peer address
-        self.addresses_full: set[str] = set()  # addresses whose share was hit and logged
-        self.guard = AuthGuard(
-            settings.reactor, settings.auth_failure_limit, settings.auth_failure_window
-        )
-
-    def attach(
-        self, key_id: str, session_id: bytes, flags: int
-    ) -> tuple[ServerSessionDriver | None, int]:
-        """Find or create the session for a new subflow: (driver, WELCOME flags or REJECT code)."""
-        key = key_id.encode() + b"\0" + session_id
-        driver = self.sessions.get(key)
-        if driver is not None:
-            if len(driver.subflows) >= self.settings.max_subflows:
-                return None, wire.REJECT_TOO_MANY_SUBFLOWS
-            return driver, 0
-        if flags & wire.AUTH_JOIN_ONLY:
-            return None, wire.REJECT_UNKNOWN_SESSION
-        if len(self.sessions) >= self.settings.max_sessions:
-            return None, wire.REJECT_TOO_MANY_SESSIONS
-        driver = ServerSessionDriver(self.settings, self, key)
-        self.sessions[key] = driver
-        self._share_memory()
-        return driver, wire.WELCOME_CREATED
-
-    def forget(self, driver: SessionDriver) -> None:
-        if self.sessions.pop(driver.session_id, None) is not None:
-            self._share_memory()
-
-    def _share_memory(self) -> None:
-        """Split ``--memory-limit`` evenly among the live sessions.
-
-        Each session's budget bounds both the credit it hands out and what it
-        keeps unacknowledged in flight, so all sessions together hold about
-        twice the limit at most (plus a 64 KiB floor per busy stream, SPEC.md
-        section 8); one session alone gets its full window.
-        """
-        config = self.settings.config
-        share = self.settings.memory_limit // max(len(self.sessions), 1)
-        budget = max(config.min_stream_window, min(config.session_window, share))
-        for driver in self.sessions.values():
-            if driver.session.memory_budget != budget:
-                driver.session.set_memory_budget(budget)
-                driver.rearm()  # the budget may have let chunks go out
-
-
-class DrainService(Service):
-    """Graceful shutdown (SIGTERM): GOAWAY, let open streams finish, then close.
-
-    Added before the listener, so it stops after it: by the time it runs, no
-    new subflow is accepted.  Every session sends GOAWAY and refuses new
-    streams; the returned Deferred fires once no session has an open stream
-    or ``timeout`` seconds have passed, and the remaining sessions are closed.
-    """
-
-    log = Logger()
-
-    def __init__(self, registry: SessionRegistry, clock: IReactorTime, timeout: float) -> None:
-        self.registry = registry
-        self.clock = clock
-        self.timeout = timeout
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        sessions = list(self.registry.sessions.values())
-        for driver in sessions:
-            driver.session.go_away("the server is shutting down")
-            driver.rearm()
-        deadline = self.clock.seconds() + self.timeout
-        pending: list[IDelayedCall] = []
-
-        def close_all() -> None:
-            busy = [d for d in self.registry.sessions.values() if d.session.stream_ids]
-            if busy:
-                self.log.info(
-                    "drain timeout: resetting {n} open streams",
-                    n=sum(len(d.session.stream_ids) for d in busy),
-                )
-            for driver in list(self.registry.sessions.values()):
-                driver.session.close("the server is shutting down")
-
-        def cancel(_: defer.Deferred[None]) -> None:
-            for call in pending:
-                if call.active():
-                    call.cancel()
-            close_all()
-
-        done: defer.Deferred[None] = defer.Deferred(cancel)
-
-        def check() -> None:
-            pending.clear()
-            busy = any(d.session.stream_ids for d in self.registry.sessions.values())
-            if busy and self.clock.seconds() < deadline:
-                pending.append(self.clock.callLater(0.1, check))
-                return
-            close_all()
-            done.callback(None)
-
-        check()
-        return done

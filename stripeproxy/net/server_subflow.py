@@ -9,7 +9,8 @@ from twisted.python.failure import Failure
 
 from stripeproxy.core import handshake, wire
 from stripeproxy.net.driver import SessionDriver
-from stripeproxy.net.server import ServerSettings, SessionRegistry
+from stripeproxy.net.registry import SessionRegistry
+from stripeproxy.net.server import ServerSettings
 from stripeproxy.net.subflow import SubflowProtocol
 
 _REJECT_REASONS = {
