@@ -81,7 +81,9 @@ def _encode_domain(host: str) -> bytes:
     return bytes((len(name),)) + name
 
 
-def decode_address(buf: bytes | memoryview, offset: int = 0) -> tuple[str, int, int] | None:
+def decode_address(
+    buf: bytes | bytearray | memoryview, offset: int = 0
+) -> tuple[str, int, int] | None:
     """Parse ATYP + address + port at ``buf[offset]``.
 
     Returns ``(host, port, new_offset)``, or None while ``buf`` still lacks

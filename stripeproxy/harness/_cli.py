@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.internet.task import react
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogEvent,
     PredicateResult,
@@ -44,7 +45,7 @@ class HarnessOptions(usage.Options):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # usage.Options is untyped
         self["tui"] = None  # not given: decided in postOptions
 
     def opt_tui(self) -> None:
@@ -77,7 +78,9 @@ def parse_options(options: usage.Options, argv: Sequence[str] | None) -> int | N
     """
     program = os.path.basename(sys.argv[0]) or "harness"
     try:
-        options.parseOptions(list(sys.argv[1:] if argv is None else argv))
+        options.parseOptions(  # type: ignore[no-untyped-call]  # usage.Options is untyped
+            list(sys.argv[1:] if argv is None else argv)
+        )
     except SystemExit as e:  # --help, --version
         return int(e.code or 0)
     except usage.UsageError as e:
@@ -89,12 +92,24 @@ def parse_options(options: usage.Options, argv: Sequence[str] | None) -> int | N
 _FACTORY_CHATTER = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
 
 
-def drop_factory_chatter(event: LogEvent) -> PredicateResult:
+@implementer(ILogFilterPredicate)
+class _DropFactoryChatter:
     """Twisted logs every client connection's factory start and stop; that buries the lines
-    a harness user looks for (on stderr and in the dashboards' log panels)."""
-    if event.get("log_format") in _FACTORY_CHATTER:
-        return PredicateResult.no
-    return PredicateResult.maybe
+    a harness user looks for (on stderr and in the dashboards' log panels).
+
+    A class rather than a function so that it provides ``ILogFilterPredicate``
+    (which ``FilteringLogObserver`` is typed to take); it holds no state.
+    """
+
+    def __call__(self, event: LogEvent) -> object:
+        """``PredicateResult.no`` or ``.maybe``: constants of the untyped ``constantly``
+        package (so typed ``object`` here, as ``Any`` in ``ILogFilterPredicate``)."""
+        if event.get("log_format") in _FACTORY_CHATTER:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
+drop_factory_chatter: Final = _DropFactoryChatter()
 
 
 HELD_LOG_LIMIT: Final = 10_000

@@ -18,13 +18,18 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IConsumer, IProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProducer,
+    IPushProducer,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python import usage
@@ -210,7 +215,10 @@ class _CountingBodyProducer:
         self.length = inner.length
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        return self._inner.startProducing(_CountingConsumer(consumer, self._progress, self.digest))
+        done: Deferred[None] = self._inner.startProducing(  # FileBodyProducer is untyped
+            _CountingConsumer(consumer, self._progress, self.digest)
+        )
+        return done
 
     def pauseProducing(self) -> None:
         self._inner.pauseProducing()
@@ -321,7 +329,9 @@ class _AnswerReader(Protocol):
         if self._size > _MAX_ANSWER:
             if not self._done.called:
                 self._done.errback(UploadError(f"the target's answer is over {_MAX_ANSWER} bytes"))
-            self.transport.stopProducing()
+            # deliverBody connects this protocol to a producer of the response body
+            # (IResponse.deliverBody says so), not to an ITransport as Protocol declares.
+            cast(IPushProducer, self.transport).stopProducing()
             return
         self._parts.append(data)
 

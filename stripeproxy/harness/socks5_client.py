@@ -24,6 +24,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
+    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -101,8 +102,7 @@ class SOCKS5ClientEndpoint:
         self._proxy = proxy
         self._host = host
         self._port = port
-        self._clock = clock
-        self._timeout = timeout
+        self._deadline = (timeout, clock) if timeout is not None and clock is not None else None
         try:
             # Fail at construction, not mid-handshake, for names that cannot be sent.
             address = encode_address(host, port)
@@ -121,7 +121,7 @@ class SOCKS5ClientEndpoint:
             # Deferred.cancel() errbacks ``result`` with CancelledError after this
             # returns, unless tearing down the attempt already failed it.
             if handshake is not None and handshake.transport is not None:
-                handshake.transport.abortConnection()
+                handshake.connection.abortConnection()
             else:
                 connecting.cancel()
 
@@ -138,19 +138,19 @@ class SOCKS5ClientEndpoint:
 
         connecting = self._proxy.connect(_HandshakeFactory(build))
         connecting.addCallbacks(lambda _: None, connect_failed)
-        if self._timeout is not None:
-            timeout = self._timeout
+        if self._deadline is not None:
+            timeout, clock = self._deadline
             target = _format_host(self._host, self._port)
 
-            def timed_out(value: object, _: float) -> object:
-                if isinstance(value, Failure) and value.check(CancelledError):
+            def timed_out(value: IProtocol | Failure, _: float) -> IProtocol | Failure:
+                if isinstance(value, Failure) and value.check(CancelledError):  # type: ignore[no-untyped-call]
                     raise SOCKS5Error(
                         f"no SOCKS5 connection to {target} within {timeout:g} s "
                         "(the proxy did not answer in time)"
                     )
                 return value
 
-            result.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)  # type: ignore[arg-type]
+            result.addTimeout(timeout, clock, onTimeoutCancel=timed_out)
         return result
 
 
@@ -160,7 +160,7 @@ class _HandshakeFactory(Factory):
     def __init__(self, build: Callable[[], _Handshake]) -> None:
         self._build = build
 
-    def buildProtocol(self, addr: IAddress) -> _Handshake:
+    def buildProtocol(self, addr: IAddress | None) -> _Handshake:
         return self._build()
 
 
@@ -171,6 +171,9 @@ class _Handshake(Protocol):
     protocol) works for every transport, including TLS ones; the real
     protocol still writes straight to the transport.
     """
+
+    transport: ITCPTransport | None
+    """The connection to the proxy: a TCP (or TLS over TCP) one, so it can be aborted."""
 
     def __init__(
         self,
@@ -189,11 +192,18 @@ class _Handshake(Protocol):
         self._sent_request = False
         self._inner: IProtocol | None = None
 
+    @property
+    def connection(self) -> ITCPTransport:
+        """The transport, once connected (every caller runs after ``connectionMade``)."""
+        transport = self.transport
+        assert transport is not None, "the handshake is not connected yet"
+        return transport
+
     def connectionMade(self) -> None:
         if self._result.called:  # cancelled or timed out while connecting
-            self.transport.abortConnection()
+            self.connection.abortConnection()
             return
-        self.transport.write(_GREETING)
+        self.connection.write(_GREETING)
 
     def dataReceived(self, data: bytes) -> None:
         if self._inner is not None:
@@ -206,7 +216,7 @@ class _Handshake(Protocol):
             self._advance()
         except SOCKS5Error as e:
             self._result.errback(e)
-            self.transport.abortConnection()
+            self.connection.abortConnection()
 
     def _advance(self) -> None:
         if not self._sent_request:
@@ -225,7 +235,7 @@ class _Handshake(Protocol):
                     f"the SOCKS5 proxy chose authentication method {method:#04x}, "
                     "which was not offered"
                 )
-            self.transport.write(self._request)
+            self.connection.write(self._request)
             self._sent_request = True
         # Reply: VER REP RSV ATYP BND.ADDR BND.PORT
         if len(self._buffer) < 2:
@@ -262,10 +272,10 @@ class _Handshake(Protocol):
         inner = self._factory.buildProtocol(HostnameAddress(self._host.encode(), self._port))
         if inner is None:
             self._result.errback(NoProtocol())
-            self.transport.loseConnection()
+            self.connection.loseConnection()
             return
         self._inner = inner
-        inner.makeConnection(self.transport)
+        inner.makeConnection(self.connection)
         self._result.callback(inner)
         if early_data:
             inner.dataReceived(early_data)

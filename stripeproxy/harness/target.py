@@ -24,6 +24,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
@@ -116,15 +117,19 @@ class _TargetRequest(Request):
 
     channel: HTTPChannel
 
-    def gotLength(self, length: int | None) -> None:
-        site = self.channel.site
+    def _target_site(self) -> TargetSite:
+        # Site.buildProtocol sets ``channel.site``, which HTTPChannel does not declare
+        # (and ``self.site`` is only set in ``process``, after ``gotLength``).
+        site = getattr(self.channel, "site", None)
         assert isinstance(site, TargetSite)
+        return site
+
+    def gotLength(self, length: int | None) -> None:
+        site = self._target_site()
         self.content = _BodyDigest(site.clock, site.stats)
 
     def process(self) -> None:
-        site = self.channel.site
-        assert isinstance(site, TargetSite)
-        site.stats.requests += 1
+        self._target_site().stats.requests += 1
         super().process()
 
 
@@ -225,7 +230,7 @@ class TargetSite(Site):
         super().__init__(root, parsePOSTFormSubmission=False)
         self.displayTracebacks = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """No per-request access log: the upload log line says what matters."""
 
 

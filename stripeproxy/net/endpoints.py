@@ -40,18 +40,22 @@ def parse_host_port(text: str, default_host: str = "", allow_zero: bool = False)
 
 def server_endpoint(reactor: object, text: str) -> IStreamServerEndpoint:
     """A listening endpoint for ``host:port`` (all interfaces if host is empty)."""
-    if is_endpoint_string(text):
-        return serverFromString(reactor, text)
-    host, port = parse_host_port(text, allow_zero=True)
-    description = f"tcp:{port}"
-    if host:
-        description += ":interface=" + host.replace(":", r"\:")
-    return serverFromString(reactor, description)
+    description = text
+    if not is_endpoint_string(text):
+        host, port = parse_host_port(text, allow_zero=True)
+        description = f"tcp:{port}"
+        if host:
+            description += ":interface=" + host.replace(":", r"\:")
+    # serverFromString is unannotated in Twisted; it documents this return type.
+    endpoint: IStreamServerEndpoint = serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+    return endpoint
 
 
 def client_endpoint(reactor: object, text: str, timeout: float) -> IStreamClientEndpoint:
     """A connecting endpoint; names resolve on every attempt (HostnameEndpoint)."""
     if is_endpoint_string(text):
-        return clientFromString(reactor, text)
+        # clientFromString is unannotated in Twisted; it documents this return type.
+        endpoint: IStreamClientEndpoint = clientFromString(reactor, text)  # type: ignore[no-untyped-call]
+        return endpoint
     host, port = parse_host_port(text)
     return HostnameEndpoint(reactor, host, port, timeout=timeout)

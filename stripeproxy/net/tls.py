@@ -13,12 +13,12 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import (
@@ -40,6 +40,11 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+if TYPE_CHECKING:
+    # Only a name for a type: optionsForClientTLS takes it, but Twisted defines it in
+    # its private _sslverify module and exports it nowhere else.
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
+
 __all__ = [
     "certificate_fingerprint",
     "client_tls_creator",
@@ -54,6 +59,23 @@ _MINIMUM_TLS = TLSVersion.TLSv1_2
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _FINGERPRINT_PREFIX = "sha256:"
 
+# The private keys a TLS certificate can hold, which are the ones pyOpenSSL's
+# PKey.from_cryptography_key accepts (not DH, X25519/X448 or post-quantum keys).
+_TLSPrivateKey = (
+    dsa.DSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+    | rsa.RSAPrivateKey
+)
+_TLS_PRIVATE_KEY_TYPES = (
+    dsa.DSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+    rsa.RSAPrivateKey,
+)
+
 
 def _read_certificates(path: str) -> list[x509.Certificate]:
     """Every certificate in a PEM file, so a chain file works as well as a single cert."""
@@ -65,14 +87,17 @@ def _read_certificates(path: str) -> list[x509.Certificate]:
         raise ValueError(f"{path}: no usable PEM certificate ({e})") from e
 
 
-def _read_private_key(path: str) -> PrivateKeyTypes:
+def _read_private_key(path: str) -> _TLSPrivateKey:
     """The unencrypted PEM key; a daemon has nobody to type a passphrase."""
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return serialization.load_pem_private_key(data, password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise ValueError(f"{path}: not a usable unencrypted PEM private key ({e})") from e
+    if not isinstance(key, _TLS_PRIVATE_KEY_TYPES):
+        raise ValueError(f"{path}: a {type(key).__name__} cannot sign a TLS certificate")
+    return key
 
 
 def _identity(cert_path: str, key_path: str) -> dict[str, Any]:
@@ -103,7 +128,7 @@ def load_server_tls(
     """
     extra: dict[str, Any] = {}
     if client_ca_path is not None:
-        extra["trustRoot"] = trustRootFromCertificates(_load_ca(client_ca_path))
+        extra["trustRoot"] = _trust_root(_load_ca(client_ca_path))
     return CertificateOptions(
         **_identity(cert_path, key_path), raiseMinimumTo=_MINIMUM_TLS, **extra
     )
@@ -111,7 +136,16 @@ def load_server_tls(
 
 def _load_ca(ca_path: str) -> list[Certificate]:
     """The certificates in ``ca_path``; they replace, not extend, the platform store."""
-    return [Certificate(crypto.X509.from_cryptography(c)) for c in _read_certificates(ca_path)]
+    return [
+        Certificate(crypto.X509.from_cryptography(c))  # type: ignore[no-untyped-call]
+        for c in _read_certificates(ca_path)
+    ]
+
+
+def _trust_root(certificates: list[Certificate]) -> IOpenSSLTrustRoot:
+    """``trustRootFromCertificates`` with a type: Twisted leaves that function unannotated."""
+    root: IOpenSSLTrustRoot = trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call]
+    return root
 
 
 def _is_ip_literal(hostname: str) -> bool:
@@ -149,7 +183,7 @@ class _PinnedServerCreator:
         # ``identity`` is our own certificate, for a server that wants one.
         extra = dict(identity or {})
         if ca_certificates is not None:
-            extra["trustRoot"] = trustRootFromCertificates(ca_certificates)
+            extra["trustRoot"] = _trust_root(ca_certificates)
         self._options = CertificateOptions(raiseMinimumTo=_MINIMUM_TLS, **extra)
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
@@ -236,7 +270,7 @@ def client_tls_creator(
     # unlike optionsForClientTLS's clientCertificate, carry a chain too.
     return optionsForClientTLS(
         hostname,
-        trustRoot=trustRootFromCertificates(ca_certificates),
+        trustRoot=_trust_root(ca_certificates),
         extraCertificateOptions={"raiseMinimumTo": _MINIMUM_TLS, **(identity or {})},
     )
 

@@ -99,11 +99,11 @@ class Monitor(Service):
         self.latest = Snapshot(role, clock.seconds(), window, 0)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service is untyped
         self._loop.start(self.period, now=True)
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Service is untyped
         if self._loop.running:
             self._loop.stop()
 
