@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
 from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.python import usage
 
+from stripeproxy.cli.listen import ListenService, loopback_only
 from stripeproxy.cli.options import (
-    SESSION_PARAMETERS,
+    KiB,
     SessionOptions,
     add_observability,
+    attach,
     check_host_tuning,
+    default_of,
+    file_problem,
+    session_parameters,
 )
 from stripeproxy.net.client import ClientSettings, Overlay, OverlayService
 from stripeproxy.net.client_subflow import SubflowFactory
@@ -24,7 +32,10 @@ from stripeproxy.net.endpoints import (
     server_endpoint,
 )
 from stripeproxy.net.socks import SocksFactory
-from stripeproxy.net.tls import client_tls_creator
+from stripeproxy.net.tls import client_tls_creator, parse_fingerprint
+
+# RFC 1929: a username and a password are each 1 to 255 bytes long.
+RFC1929_MAX = 255
 
 
 class Options(SessionOptions):
@@ -34,6 +45,20 @@ class Options(SessionOptions):
         "Run a local SOCKS5 proxy whose streams are striped across K "
         "prewarmed subflows to a stripe-server."
     )
+    required = "--psk-file, and --ca or --server-fingerprint (unless --no-tls)."
+    example = (
+        "(the fingerprint is the one stripe-keygen printed for the server):\n"
+        "  twistd -n stripe-client --server proxy.example.net:8443 --psk-file keys/psk.key \\\n"
+        "      --server-fingerprint sha256:AB:CD:..."
+    )
+    optFlags = [
+        *SessionOptions.optFlags,
+        [
+            "allow-open-socks",
+            None,
+            "Let --listen be reachable beyond this host without --socks-user (an open proxy).",
+        ],
+    ]
     optParameters = [
         ["server", "s", "127.0.0.1:8443", "stripe-server address: host:port or endpoint string."],
         ["listen", "l", "127.0.0.1:1080", "SOCKS5 listener: host:port or endpoint string."],
@@ -44,12 +69,19 @@ class Options(SessionOptions):
         ["client-cert", None, None, "Certificate (chain) to present for mutual TLS (PEM)."],
         ["client-key", None, None, "Private key of --client-cert (PEM)."],
         ["socks-user", None, None, "Require this SOCKS5 username (RFC 1929)."],
-        ["socks-password", None, None, "Password for --socks-user."],
+        ["socks-password", None, None, "Password for --socks-user (visible in ps: prefer a file)."],
+        ["socks-password-file", None, None, "Read the password for --socks-user from this file."],
         ["connect-timeout", None, 10.0, "Seconds to connect one subflow.", float],
-        ["open-timeout", None, 30.0, "Seconds to wait for the server to open a stream.", float],
+        [
+            "open-timeout",
+            None,
+            default_of(ClientSettings, "open_timeout"),
+            "Seconds to wait for the server to open a stream.",
+            float,
+        ],
         ["key-id", None, None, "Which key of --psk-file to use (needed if it names several)."],
         ["retry-max", None, 10.0, "Longest wait between re-dials of a subflow.", float],
-        *SESSION_PARAMETERS,
+        *session_parameters(ClientSettings),
     ]
 
     def postOptions(self) -> None:
@@ -66,12 +98,12 @@ class Options(SessionOptions):
             self["key-id"] = next(iter(keys))
         elif self["key-id"] not in keys:
             raise usage.UsageError(f"--key-id {self['key-id']!r} is not in --psk-file")
-        if bool(self["socks-user"]) != bool(self["socks-password"]):
-            raise usage.UsageError("--socks-user and --socks-password go together")
+        self._socks_credentials()
         if bool(self["client-cert"]) != bool(self["client-key"]):
             raise usage.UsageError("--client-cert and --client-key go together")
         if self["no-tls"] and self["client-cert"]:
             raise usage.UsageError("--client-cert needs TLS (drop --no-tls)")
+        self["tls"] = None
         if not self["no-tls"]:
             if not (self["ca"] or self["server-fingerprint"]):
                 raise usage.UsageError(
@@ -81,14 +113,63 @@ class Options(SessionOptions):
                 if is_endpoint_string(self["server"]):
                     raise usage.UsageError("--server-name is needed with an endpoint string")
                 self["server-name"] = parse_host_port(self["server"])[0]
+            self["tls"] = self._tls_creator()
+
+    def _socks_credentials(self) -> None:
+        """SOCKS authentication: password from a file, RFC 1929 lengths, no open proxy."""
+        if self["socks-password-file"]:
+            if self["socks-password"]:
+                raise usage.UsageError("give --socks-password or --socks-password-file, not both")
+            path = self["socks-password-file"]
+            try:
+                with open(path, encoding="utf-8") as f:
+                    self["socks-password"] = f.read().rstrip("\r\n")
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(file_problem(e, {"--socks-password-file": path})) from None
+            if not self["socks-password"]:
+                raise usage.UsageError(f"--socks-password-file {path} is empty")
+        if bool(self["socks-user"]) != bool(self["socks-password"]):
+            raise usage.UsageError("--socks-user and --socks-password(-file) go together")
+        for name in ("socks-user", "socks-password"):
+            size = len((self[name] or "").encode())
+            if size > RFC1929_MAX:
+                raise usage.UsageError(
+                    f"--{name} is {size} bytes long; SOCKS (RFC 1929) allows at most {RFC1929_MAX}"
+                )
+        local = loopback_only(self["listen"])
+        if not self["socks-user"] and local is not True and not self["allow-open-socks"]:
+            reach = "may be reachable" if local is None else "is reachable"
+            raise usage.UsageError(
+                f"--listen {self['listen']} {reach} beyond this host and SOCKS clients need no "
+                "password: listen on 127.0.0.1, add --socks-user with --socks-password-file, "
+                "or pass --allow-open-socks"
+            )
+
+    def _tls_creator(self) -> IOpenSSLClientConnectionCreator:
+        """Load and check the TLS files now, so a bad one is a usage error, not a traceback."""
+        if self["server-fingerprint"]:
+            try:
+                parse_fingerprint(self["server-fingerprint"])
+            except ValueError as e:
+                raise usage.UsageError(f"--server-fingerprint: {e}") from None
+        identity = None
+        if self["client-cert"]:
+            identity = (self["client-cert"], self["client-key"])
+        files = {name: self[name[2:]] for name in ("--ca", "--client-cert", "--client-key")}
+        try:
+            return client_tls_creator(
+                self["server-name"], self["ca"], self["server-fingerprint"], identity
+            )
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(file_problem(e, files)) from None
 
 
-def makeService(options: Options) -> IService:
-    check_host_tuning(Logger())
+def client_settings(options: Options, reactor: Any) -> ClientSettings:
+    """What the client's protocols need, from parsed options."""
     credentials = None
     if options["socks-user"]:
         credentials = (options["socks-user"].encode(), options["socks-password"].encode())
-    settings = ClientSettings(
+    return ClientSettings(
         reactor=reactor,
         psk=options["keys"][options["key-id"]],
         key_id=options["key-id"],
@@ -97,32 +178,31 @@ def makeService(options: Options) -> IService:
         open_timeout=options["open-timeout"],
         handshake_timeout=options["handshake-timeout"],
         congestion=options["congestion"],
-        max_frame=options["max-frame"] * 1024,
+        max_frame=options["max-frame"] * KiB,
     )
-    overlay = Overlay(settings)
-    top = MultiService()
-    creator = None
-    if not options["no-tls"]:
-        identity = None
-        if options["client-cert"]:
-            identity = (options["client-cert"], options["client-key"])
-        creator = client_tls_creator(
-            options["server-name"], options["ca"], options["server-fingerprint"], identity
-        )
+
+
+def makeService(options: Options) -> IService:
+    check_host_tuning(Logger())
+    overlay = Overlay(client_settings(options, reactor))
+    top = MultiService()  # type: ignore[no-untyped-call]
+    creator = options["tls"]
     factory = SubflowFactory(overlay)
     for _ in range(options["subflows"]):
         endpoint = client_endpoint(reactor, options["server"], options["connect-timeout"])
         if creator is not None:
             endpoint = wrapClientTLS(creator, endpoint)
-        ClientService(
-            endpoint,
-            factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, factor=2.0, maxDelay=options["retry-max"]),
-        ).setServiceParent(top)
-    socks = StreamServerEndpointService(
-        server_endpoint(reactor, options["listen"]), SocksFactory(overlay)
+        retry = backoffPolicy(initialDelay=0.5, factor=2.0, maxDelay=options["retry-max"])
+        attach(ClientService(endpoint, factory, retryPolicy=retry), top)
+    socks = ListenService(
+        "SOCKS listener",
+        options["listen"],
+        server_endpoint(reactor, options["listen"]),
+        SocksFactory(overlay),
+        reactor,
+        options.tell_operator,
     )
-    socks.setServiceParent(top)
+    attach(socks, top)
     k = options["subflows"]
     add_observability(
         top,
@@ -132,5 +212,5 @@ def makeService(options: Options) -> IService:
         lambda: [overlay.driver] if overlay.driver is not None else [],
         lambda: max(0, overlay.joins - k),
     )
-    OverlayService(overlay).setServiceParent(top)  # last added, first stopped
+    attach(OverlayService(overlay), top)  # last added, first stopped
     return top

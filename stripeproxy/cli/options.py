@@ -1,48 +1,179 @@
-"""Options shared by ``twistd stripe-client`` and ``twistd stripe-server``."""
+"""Options shared by ``twistd stripe-client`` and ``twistd stripe-server``.
+
+Every option that sets a field of a config dataclass (``SessionConfig``,
+``ClientSettings``, ``ServerSettings``) takes its default from that field
+(:func:`default_of`), so a default is written once and ``--help`` shows the
+value the code really uses.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IServiceCollection
+from twisted.application.service import IService, IServiceCollection
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
 from stripeproxy.cli.keygen import load_keys
+from stripeproxy.cli.listen import ListenService, loopback_only
 from stripeproxy.core.scheduler import SCHEDULERS
-from stripeproxy.core.session import MiB, SessionConfig
+from stripeproxy.core.session import SessionConfig
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.endpoints import is_endpoint_string, parse_host_port, server_endpoint
 
-# A full 64 KiB chunk plus its DATA header must fit (SPEC.md section 3).
-MIN_MAX_FRAME_KIB = 65
+KiB = 1024
+MiB = 1024 * KiB
 
-SESSION_PARAMETERS = [
-    ["psk-file", None, None, "Pre-shared key file: one hex key, or 'NAME HEX' lines."],
-    ["heartbeat", None, 5.0, "Seconds between PINGs on an idle subflow.", float],
-    ["dead-interval", None, 15.0, "Seconds of silence after which a subflow is dropped.", float],
-    ["grace", None, 30.0, "Seconds a session outlives its last subflow.", float],
-    ["idle-timeout", None, 3600.0, "Seconds a silent stream lives (0: for ever).", float],
-    ["handshake-timeout", None, 10.0, "Seconds a new subflow has to authenticate.", float],
-    ["max-frame", None, 256, "KiB: largest frame body accepted from the peer (>= 65).", int],
-    ["congestion", None, None, "TCP congestion control for subflows (e.g. cubic, bbr)."],
-    ["metrics", None, None, "Serve Prometheus metrics on host:port (path /metrics)."],
-    ["stream-window", None, 4.0, "MiB a stream may have in flight towards us (credit).", float],
-    ["session-window", None, 32.0, "MiB all streams of a session may have in flight to us.", float],
-    [
-        "scheduler",
-        None,
-        "adaptive",
-        "Chunk placement: adaptive (goodput-weighted) or least-queued.",
-    ],
-]
+# A full chunk plus its DATA header must fit (SPEC.md section 3).
+MIN_MAX_FRAME_KIB = SessionConfig.chunk_size // KiB + 1
+
+
+def default_of(cls: type[Any], name: str, unit: int = 1) -> Any:
+    """The default of dataclass field ``cls.name``, in the option's unit (KiB, MiB).
+
+    Raises if the field has no plain default or the unit does not divide it,
+    so a default cannot silently drift from the dataclass.
+    """
+    (field,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    value = field.default
+    if value is dataclasses.MISSING:
+        raise TypeError(f"{cls.__name__}.{name} has no plain default")
+    if unit == 1 or value is None:
+        return value
+    if isinstance(value, int) and value % unit == 0:
+        return value // unit
+    return value / unit
+
+
+def session_parameters(settings: type[Any]) -> list[list[Any]]:
+    """The parameters both taps take; ``settings`` is the tap's settings class.
+
+    Defaults come from ``SessionConfig`` and from ``settings`` (the client's
+    and the server's handshake timeout, frame limit and congestion control
+    are fields of each side's own settings).
+    """
+    config = SessionConfig
+    return [
+        [
+            "psk-file",
+            None,
+            None,
+            "Required. Pre-shared key file: one hex key, or 'NAME HEX' lines.",
+        ],
+        [
+            "heartbeat",
+            None,
+            default_of(config, "heartbeat_interval"),
+            "Seconds between PINGs on an idle subflow.",
+            float,
+        ],
+        [
+            "dead-interval",
+            None,
+            default_of(config, "dead_interval"),
+            "Seconds of silence after which a subflow is dropped.",
+            float,
+        ],
+        [
+            "grace",
+            None,
+            default_of(config, "grace_period"),
+            "Seconds a session outlives its last subflow.",
+            float,
+        ],
+        [
+            "idle-timeout",
+            None,
+            default_of(config, "idle_timeout"),
+            "Seconds a silent stream lives (0: for ever).",
+            float,
+        ],
+        [
+            "handshake-timeout",
+            None,
+            default_of(settings, "handshake_timeout"),
+            "Seconds a new subflow has to authenticate.",
+            float,
+        ],
+        [
+            "max-frame",
+            None,
+            default_of(settings, "max_frame", KiB),
+            f"KiB: largest frame body accepted from the peer (>= {MIN_MAX_FRAME_KIB}).",
+            int,
+        ],
+        [
+            "congestion",
+            None,
+            default_of(settings, "congestion"),
+            "TCP congestion control for subflows (e.g. cubic, bbr).",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics on host:port (path /metrics; ':PORT' is every interface).",
+        ],
+        [
+            "stream-window",
+            None,
+            default_of(config, "stream_window", MiB),
+            "MiB a stream may have in flight towards us (credit).",
+            float,
+        ],
+        [
+            "session-window",
+            None,
+            default_of(config, "session_window", MiB),
+            "MiB all streams of a session may have in flight to us.",
+            float,
+        ],
+        [
+            "scheduler",
+            None,
+            default_of(config, "scheduler"),
+            "Chunk placement: adaptive (goodput-weighted) or least-queued.",
+        ],
+    ]
+
+
+def file_problem(error: OSError | ValueError, options: dict[str, str | None]) -> str:
+    """One line for an unreadable or malformed file, naming the option it came from.
+
+    ``options`` maps option names (``--cert``) to the paths given, so that
+    ``[Errno 2] No such file or directory: 'x'`` becomes ``--cert x: No such
+    file or directory``.
+    """
+    if isinstance(error, OSError) and error.filename is not None:
+        path = str(error.filename)
+        return f"{_named(path, options)}: {error.strerror or error}"
+    text = str(error)
+    paths = {value for value in options.values() if value and text.startswith(value + ":")}
+    if len(paths) == 1:
+        (path,) = paths
+        return _named(path, options) + text[len(path) :]
+    return text
+
+
+def _named(path: str, options: dict[str, str | None]) -> str:
+    """``--cert PATH`` if exactly one option names this path, else the path alone."""
+    names = [name for name, value in options.items() if value == path]
+    return f"{names[0]} {path}" if len(names) == 1 else path
 
 
 class SessionOptions(usage.Options):
-    """Base for both sides: key, timers, TLS switch."""
+    """Base for both sides: key, timers, TLS switch, and how errors and help read.
+
+    Under twistd a usage error would be printed after the whole option
+    list (about 55 lines); here it is one line, the reason first, and the
+    process exits with status 2.  Used directly (tests, embedding), the
+    ``UsageError`` is raised as usual.
+    """
 
     optFlags = [
         ["no-tls", None, "Plaintext subflows with a CRC32C on every frame (lab use)."],
@@ -50,6 +181,31 @@ class SessionOptions(usage.Options):
         ["no-tui", None, "Never show the live dashboard."],
     ]
     role = ""
+    # Shown at the end of --help: what must be given, and one command that works
+    # ("(where the files come from):" and the command, indented).
+    required: ClassVar[str] = ""
+    example: ClassVar[str] = ""
+
+    @property
+    def tap(self) -> str:
+        return f"stripe-{self.role}"
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            sys.stderr.write(f"{self.tap}: {e} (see: twistd {self.tap} --help)\n")
+            raise SystemExit(2) from None
+
+    def getUsage(self, width: int | None = None) -> str:
+        text = super().getUsage(width)
+        if self.required:
+            text += f"\nRequired: {self.required}\n"
+        if self.example:
+            text += f"\nExample {self.example}\n"
+        return text
 
     def postOptions(self) -> None:
         if not self["psk-file"]:
@@ -57,7 +213,7 @@ class SessionOptions(usage.Options):
         try:
             self["keys"] = load_keys(self["psk-file"])
         except (OSError, ValueError) as e:
-            raise usage.UsageError(f"cannot read --psk-file: {e}") from None
+            raise usage.UsageError(file_problem(e, {"--psk-file": self["psk-file"]})) from None
         for name in (
             "heartbeat",
             "dead-interval",
@@ -72,7 +228,8 @@ class SessionOptions(usage.Options):
             raise usage.UsageError("--idle-timeout must be 0 (off) or positive")
         if self["max-frame"] < MIN_MAX_FRAME_KIB:
             raise usage.UsageError(
-                f"--max-frame must be at least {MIN_MAX_FRAME_KIB} (a 64 KiB DATA frame must fit)"
+                f"--max-frame must be at least {MIN_MAX_FRAME_KIB} "
+                f"(a {SessionConfig.chunk_size // KiB} KiB DATA frame must fit)"
             )
         if self["dead-interval"] <= self["heartbeat"]:
             raise usage.UsageError("--dead-interval must be longer than --heartbeat")
@@ -95,7 +252,7 @@ class SessionOptions(usage.Options):
         ``stripe-ROLE.log`` instead while the dashboard owns the screen (the
         dashboard shows the latest lines in a panel).
         """
-        parent = getattr(self, "parent", None)
+        parent = self.parent
         daemon = parent is not None and not parent.get("nodaemon", True)
         if self["no-tui"]:
             self["tui"] = False
@@ -105,6 +262,33 @@ class SessionOptions(usage.Options):
             raise usage.UsageError("--tui needs a terminal: run twistd with -n")
         if self["tui"] and parent is not None and parent.get("logfile") in (None, "", "-"):
             parent["logfile"] = f"stripe-{self.role}.log"
+
+    def tell_operator(self, message: str) -> None:
+        """Say why the process cannot start where the operator will see it.
+
+        The line is logged already; under twistd it also goes to the terminal
+        when the log goes elsewhere (a file, as behind the dashboard, or
+        syslog), and in daemon mode to twistd's parent process, which waits
+        on a status pipe for the daemon to report its start.  twistd writes
+        that pipe only for an ``Exception``; :class:`ListenFailed` is a
+        ``SystemExit`` (no traceback), so without this the parent would wait
+        for ever.  The parent prints the line and exits with status 1.
+        """
+        parent = self.parent
+        if parent is None:
+            return
+        pipe = parent.get("statusPipe")
+        if pipe is not None:
+            parent["statusPipe"] = None
+            os.write(pipe, b"1 " + message.encode()[:98])  # the parent reads 100 bytes
+            os.close(pipe)
+            return
+        logfile = parent.get("logfile")
+        if not parent.get("syslog") and (logfile == "-" or (not logfile and parent["nodaemon"])):
+            return  # the log is on standard output already
+        if sys.__stderr__ is not None:
+            sys.__stderr__.write(f"{message}\n")
+            sys.__stderr__.flush()
 
     def session_config(self) -> SessionConfig:
         return SessionConfig(
@@ -136,6 +320,22 @@ def check_host_tuning(log: Logger, path: str = _SLOW_START_AFTER_IDLE) -> None:
         )
 
 
+def attach(service: IService, parent: IServiceCollection) -> None:
+    """``service.setServiceParent(parent)``, in one place (Twisted leaves it untyped)."""
+    service.setServiceParent(parent)  # type: ignore[no-untyped-call]
+
+
+def warn_if_exposed(log: Logger, option: str, address: str) -> None:
+    """A warning line when a listener without authentication is reachable from elsewhere."""
+    if loopback_only(address) is not True:
+        log.warn(
+            "{option} {address} is reachable beyond this host, without authentication "
+            "(use 127.0.0.1:PORT to keep it local)",
+            option=option,
+            address=address,
+        )
+
+
 def add_observability(
     top: IServiceCollection,
     options: SessionOptions,
@@ -143,6 +343,7 @@ def add_observability(
     reactor: object,
     sessions: Callable[[], Iterable[SessionDriver]],
     redials: Callable[[], int] = lambda: 0,
+    log: Logger | None = None,
 ) -> None:
     """Start the monitor, the dashboard and the metrics listener as asked.
 
@@ -153,13 +354,22 @@ def add_observability(
     from stripeproxy.ops.observe import Monitor
 
     monitor = Monitor(options.role, clock, sessions, redials)
-    monitor.setServiceParent(top)
+    attach(monitor, top)
     if options["metrics"]:
         from stripeproxy.ops.metrics import metrics_site
 
+        warn_if_exposed(log or Logger(), "--metrics", options["metrics"])
         endpoint = server_endpoint(reactor, options["metrics"])
-        StreamServerEndpointService(endpoint, metrics_site(monitor)).setServiceParent(top)
+        metrics = ListenService(
+            "metrics listener",
+            options["metrics"],
+            endpoint,
+            metrics_site(monitor),
+            reactor,
+            options.tell_operator,
+        )
+        attach(metrics, top)
     if options["tui"]:
         from stripeproxy.ops.dashboard import Dashboard
 
-        Dashboard(monitor).setServiceParent(top)
+        attach(Dashboard(monitor), top)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
 from twisted.logger import Logger
@@ -12,14 +12,20 @@ from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from stripeproxy.cli.listen import ListenService
 from stripeproxy.cli.options import (
-    SESSION_PARAMETERS,
+    KiB,
+    MiB,
     SessionOptions,
     add_observability,
+    attach,
     check_host_tuning,
+    default_of,
+    file_problem,
+    session_parameters,
 )
 from stripeproxy.core.policy import Rule, TargetPolicy, parse_rule
-from stripeproxy.core.session import MiB
+from stripeproxy.core.session import SessionConfig
 from stripeproxy.net.drain import DrainService
 from stripeproxy.net.endpoints import server_endpoint
 from stripeproxy.net.server import ServerSettings
@@ -45,25 +51,79 @@ class Options(SessionOptions):
         "Accept authenticated subflows from stripe-client, reassemble each "
         "stream and forward it to its target as one TCP connection."
     )
+    required = "--psk-file, and --cert with --key (unless --no-tls)."
+    example = (
+        "(files from: stripe-keygen --dir keys):\n"
+        "  twistd -n stripe-server --listen 0.0.0.0:8443 --psk-file keys/psk.key \\\n"
+        "      --cert keys/server.crt --key keys/server.key"
+    )
     optParameters = [
         ["listen", "l", "0.0.0.0:8443", "Subflow listener: host:port or endpoint string."],
-        ["cert", None, None, "TLS certificate chain (PEM)."],
-        ["key", None, None, "TLS private key (PEM)."],
+        ["cert", None, None, "TLS certificate chain (PEM). Required unless --no-tls."],
+        ["key", None, None, "TLS private key (PEM). Required unless --no-tls."],
         ["client-ca", None, None, "Require client certificates issued by these CA(s) (PEM)."],
-        ["subflows", None, 16, "Most subflows one session may have.", int],
-        ["max-sessions", None, 256, "Most concurrent sessions.", int],
-        ["max-streams", None, 1024, "Most open streams per session.", int],
-        ["max-handshakes", None, 256, "Most subflows authenticating at once.", int],
-        ["memory-limit", None, 1024, "MiB of stream buffers shared by all sessions.", int],
-        ["connect-timeout", None, 10.0, "Seconds to connect to a target.", float],
+        [
+            "subflows",
+            None,
+            default_of(ServerSettings, "max_subflows"),
+            "Most subflows one session may have.",
+            int,
+        ],
+        [
+            "max-sessions",
+            None,
+            default_of(ServerSettings, "max_sessions"),
+            "Most concurrent sessions.",
+            int,
+        ],
+        [
+            "max-streams",
+            None,
+            default_of(SessionConfig, "max_streams"),
+            "Most open streams per session.",
+            int,
+        ],
+        [
+            "max-handshakes",
+            None,
+            default_of(ServerSettings, "max_handshakes"),
+            "Most subflows authenticating at once.",
+            int,
+        ],
+        [
+            "memory-limit",
+            None,
+            default_of(ServerSettings, "memory_limit", MiB),
+            "MiB of stream buffers shared by all sessions.",
+            int,
+        ],
+        [
+            "connect-timeout",
+            None,
+            default_of(ServerSettings, "connect_timeout"),
+            "Seconds to connect to a target.",
+            float,
+        ],
         ["drain-timeout", None, 10.0, "On SIGTERM, seconds open streams get to finish.", float],
-        ["auth-failures", None, 10, "Failed logins from one address before it is refused.", int],
-        ["auth-window", None, 60.0, "Seconds over which --auth-failures are counted.", float],
-        *SESSION_PARAMETERS,
+        [
+            "auth-failures",
+            None,
+            default_of(ServerSettings, "auth_failure_limit"),
+            "Failed logins from one address before it is refused.",
+            int,
+        ],
+        [
+            "auth-window",
+            None,
+            default_of(ServerSettings, "auth_failure_window"),
+            "Seconds over which --auth-failures are counted.",
+            float,
+        ],
+        *session_parameters(ServerSettings),
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self["allow"] = []
         self["deny"] = []
 
@@ -94,11 +154,19 @@ class Options(SessionOptions):
         for name in limits:
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+        self["tls"] = None
+        if not self["no-tls"]:
+            # Loaded now, so that a missing or malformed file is a usage error.
+            files = {name: self[name[2:]] for name in ("--cert", "--key", "--client-ca")}
+            try:
+                self["tls"] = load_server_tls(self["cert"], self["key"], self["client-ca"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(file_problem(e, files)) from None
 
 
-def makeService(options: Options) -> IService:
-    check_host_tuning(Logger())
-    settings = ServerSettings(
+def server_settings(options: Options, reactor: Any) -> ServerSettings:
+    """What the server's protocols need, from parsed options."""
+    return ServerSettings(
         reactor=reactor,
         keys=options["keys"],
         config=dataclasses.replace(options.session_config(), max_streams=options["max-streams"]),
@@ -107,7 +175,7 @@ def makeService(options: Options) -> IService:
         connect_timeout=options["connect-timeout"],
         handshake_timeout=options["handshake-timeout"],
         congestion=options["congestion"],
-        max_frame=options["max-frame"] * 1024,
+        max_frame=options["max-frame"] * KiB,
         max_handshakes=options["max-handshakes"],
         # Behind a PROXY-protocol balancer every connection starts with its address.
         handshakes_per_address=(
@@ -120,21 +188,24 @@ def makeService(options: Options) -> IService:
         auth_failure_limit=options["auth-failures"],
         auth_failure_window=options["auth-window"],
     )
-    subflows = SubflowFactory(settings)
+
+
+def makeService(options: Options) -> IService:
+    check_host_tuning(Logger())
+    subflows = SubflowFactory(server_settings(options, reactor))
     factory: SubflowFactory | TLSMemoryBIOFactory = subflows
-    if not options["no-tls"]:
-        factory = TLSMemoryBIOFactory(
-            load_server_tls(options["cert"], options["key"], options["client-ca"]),
-            False,
-            subflows,
-        )
-    top = MultiService()
+    if options["tls"] is not None:
+        factory = TLSMemoryBIOFactory(options["tls"], False, subflows)
+    top = MultiService()  # type: ignore[no-untyped-call]
     # Stopped after the listener (services stop in reverse order).
-    DrainService(subflows.registry, reactor, options["drain-timeout"]).setServiceParent(top)
+    attach(DrainService(subflows.registry, reactor, options["drain-timeout"]), top)
     endpoint = server_endpoint(reactor, options["listen"])
     if options["proxy-protocol"]:
         endpoint = proxyEndpoint(endpoint)
-    StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    listener = ListenService(
+        "subflow listener", options["listen"], endpoint, factory, reactor, options.tell_operator
+    )
+    attach(listener, top)
     add_observability(
         top, options, reactor, reactor, lambda: list(subflows.registry.sessions.values())
     )
