@@ -306,7 +306,8 @@ def test_no_wrapper_smuggles_a_special_address(
     v4: ipaddress.IPv4Address, wrapper: str, port: int
 ) -> None:
     wrapped = WRAPPERS[wrapper](v4)
-    assert v4 in embedded_ipv4(wrapped)
+    # :: and ::1 are not IPv4-compatible forms of 0.0.0.0 and 0.0.0.1 (RFC 4291).
+    assert v4 in embedded_ipv4(wrapped) or (wrapper == "compatible" and int(wrapped) <= 1)
     assert not TargetPolicy().permits(str(v4), port)
     assert not TargetPolicy().permits(str(wrapped), port)
     everything = TargetPolicy(allow=[parse_rule(r) for r in CATCH_ALL])
