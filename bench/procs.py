@@ -365,7 +365,8 @@ def make_keys(directory: Path, hostname: str = "localhost") -> Keys:
 
 
 def server_args(keys: Keys, listen: str, tls: bool) -> list[str]:
-    args = ["--listen", listen, "--psk-file", keys.psk]
+    # The sink listens on the server's loopback, which is denied unless allowed.
+    args = ["--listen", listen, "--psk-file", keys.psk, "--allow", "127.0.0.0/8"]
     return args + (["--cert", keys.cert, "--key", keys.key] if tls else ["--no-tls"])
 
 

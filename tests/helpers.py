@@ -267,17 +267,31 @@ class Pair:
         await wait_for(self.established, f"all {self.k} subflows to be established", timeout)
 
 
+# The test targets listen on loopback, which the server denies by default:
+# every test server allows it explicitly, unless the test brings its own
+# --allow rules (then those alone say what is dialled).
+LOOPBACK_TARGETS = ("--allow", "127.0.0.0/8", "--allow", "[::1/128]")
+
+
+def target_policy(extra: list[str] | tuple[str, ...], loopback_targets: bool) -> list[str]:
+    """The loopback allow rules for a test server, unless unwanted (see above)."""
+    if not loopback_targets or "--allow" in extra:
+        return []
+    return list(LOOPBACK_TARGETS)
+
+
 def server_argv(
     keys: Keys,
     tls: bool,
     extra: list[str] | tuple[str, ...] = (),
     listen: str = "tcp:0:interface=127.0.0.1",
+    loopback_targets: bool = True,
 ) -> list[str]:
     # Idle keep-alive streams would hold a graceful stop for the whole drain
     # timeout; tests that study draining pass their own --drain-timeout.
     argv = ["--listen", listen, "--psk-file", keys.psk, "--drain-timeout", "0"]
     argv += ["--cert", keys.cert, "--key", keys.key] if tls else ["--no-tls"]
-    return argv + list(extra)
+    return argv + target_policy(extra, loopback_targets) + list(extra)
 
 
 def client_argv(
@@ -308,9 +322,10 @@ async def start_server(
     tls: bool,
     extra: list[str] | tuple[str, ...] = (),
     listen: str = "tcp:0:interface=127.0.0.1",
+    loopback_targets: bool = True,
 ) -> Server:
     options = server_tap.Options()
-    options.parseOptions(server_argv(keys, tls, extra, listen))
+    options.parseOptions(server_argv(keys, tls, extra, listen, loopback_targets))
     top = server_tap.makeService(options)
     assert isinstance(top, MultiService)
     (service,) = [  # the subflow listener
@@ -825,6 +840,7 @@ async def start_instance(
         keys.psk,
         "--metrics",
         "tcp:0:interface=127.0.0.1",
+        *target_policy(extra or [], True),
         *(extra or []),
     ]
     instance = Instance(spawn(cleanup, name, argv, directory))

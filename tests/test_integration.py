@@ -636,6 +636,8 @@ def test_twistd_processes_smoke(keys, tmp_path):
                 keys.cert,
                 "--key",
                 keys.key,
+                "--allow",  # the web server below is on loopback, denied by default
+                "127.0.0.0/8",
             )
         )
         server_port = processes[0][1].wait_for(r"SubflowFactory \(TLS\) starting on (\d+)")[1]
