@@ -25,29 +25,30 @@ from helpers import (
     wait_for,
 )
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.python.usage import UsageError
 
 from stripeproxy.cli import server_tap
 from stripeproxy.cli.keygen import load_keys, write_psk
 from stripeproxy.cli.keygen import main as keygen_main
 from stripeproxy.core import handshake, socks5, wire
-from stripeproxy.core.guard import AuthGuard
+from stripeproxy.core.admission import Admission, AdmissionLimits
 from stripeproxy.core.session import MiB, SessionConfig
 from stripeproxy.net.registry import SessionRegistry
 from stripeproxy.net.server import ServerSettings
 
 
-def test_auth_guard_counts_per_address_within_the_window() -> None:
-    clock = Clock()
-    guard = AuthGuard(clock, limit=3, window=60.0)
-    assert [guard.failed("10.0.0.1") for _ in range(3)] == [1, 2, 3]
-    assert guard.blocked("10.0.0.1")
-    assert not guard.blocked("10.0.0.2")  # other addresses are not affected
-    clock.advance(59.9)
-    assert guard.blocked("10.0.0.1")
-    clock.advance(0.1)
-    assert not guard.blocked("10.0.0.1")  # the window has passed
-    assert guard.failed("10.0.0.1") == 1
+def test_failed_logins_are_counted_per_address_and_forgotten_after_a_quiet_window() -> None:
+    """Each failure delays the address's next CHALLENGE longer; other addresses
+    are not affected; after the window without a failure it is all forgotten."""
+    admission = Admission(AdmissionLimits(failures_logged=3, failure_window=60.0), log=Logger())
+    assert [admission.auth_failed("10.0.0.1", "", float(t)) for t in range(3)] == [0.5, 1.0, 2.0]
+    assert admission.failures("10.0.0.1", 2.0) == 3
+    assert admission.challenge_delay("10.0.0.1", 2.5) == 1.5
+    assert admission.failures("10.0.0.2", 2.0) == 0  # other addresses are not affected
+    assert admission.failures("10.0.0.1", 61.9) == 3
+    assert admission.failures("10.0.0.1", 62.0) == 0  # the window has passed quietly
+    assert admission.auth_failed("10.0.0.1", "", 62.0) == 0.5
 
 
 @pytest_twisted.ensureDeferred
@@ -111,19 +112,35 @@ async def test_named_keys_and_revocation(cleanup: Cleanup, keys: Keys, tmp_path:
 
 
 @pytest_twisted.ensureDeferred
-async def test_failed_logins_are_limited_per_address(
+async def test_failed_logins_cost_the_source_time_but_never_lock_out_the_key(
     cleanup: Cleanup, keys: Keys, log_messages: list[str]
 ) -> None:
+    """A client with a wrong key keeps failing from 127.0.0.1; the server logs
+    --auth-failures of them, the client says so once; a client with the right
+    key from the same address (think NAT) still gets in meanwhile."""
     server = await start_server(
         cleanup, keys, False, ["--auth-failures", "3", "--auth-window", "600"]
     )
     await start_client(cleanup, keys, server.port, False, k=2, psk=keys.wrong_psk)
-    guard = server.registry.guard
-    await wait_for(lambda: guard.blocked("127.0.0.1"), "the address to be refused", timeout=30)
+    admission = server.registry.admission
+    await wait_for(
+        lambda: admission.failures("127.0.0.1", server.registry.now()) >= 5,
+        "five failed logins",
+        timeout=30,
+    )
     failures = [m for m in log_messages if "authentication failed (key id" in m]  # server's
-    assert len(failures) == 3  # logged up to the limit, then refused silently
-    assert "refusing this address for now" in failures[-1]
-    assert server.sessions == []
+    assert len(failures) == 3  # logged up to the limit, then once a minute
+    assert "further failures are logged once a minute" in failures[-1]
+    rejected = [m for m in log_messages if "rejected our key" in m]  # the client's
+    assert len(rejected) == 1 and "check --psk-file" in rejected[0]
+    good = await start_client(cleanup, keys, server.port, False, k=2)
+    await wait_for(
+        lambda: good.driver is not None and len(good.driver.subflows) == 2,
+        "the right key's subflows from the failing address",
+        timeout=30,
+    )
+    assert admission.failures("127.0.0.1", server.registry.now()) >= 5  # still failing
+    assert len(server.sessions) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -311,12 +328,15 @@ async def test_proxy_protocol_gives_limits_and_logs_the_client_address(
         answer = await in_thread(login_via_proxy_header, server.port, "203.0.113.7", wrong)
         assert isinstance(answer, wire.Reject)
     assert any("subflow 203.0.113.7:40000: authentication failed" in m for m in log_messages)
-    # That client is now refused even with the right key; another is not.
+    admission, now = server.registry.admission, server.registry.now()
+    assert admission.failures("203.0.113.7", now) == 2  # counted for the client, not the balancer
+    assert admission.failures("203.0.113.8", now) == 0 == admission.failures("127.0.0.1", now)
+    # That client waits for its answer now, but the right key still gets in; so does another.
     answer = await in_thread(login_via_proxy_header, server.port, "203.0.113.7", psk)
-    assert isinstance(answer, wire.Reject)
+    assert isinstance(answer, wire.Welcome)
     answer = await in_thread(login_via_proxy_header, server.port, "203.0.113.8", psk)
     assert isinstance(answer, wire.Welcome)
-    await wait_for(lambda: len(server.sessions) == 1, "the session of 203.0.113.8")
+    await wait_for(lambda: len(server.sessions) == 2, "the sessions of both clients")
 
 
 def test_proxy_protocol_is_not_wrapped_twice(keys: Keys) -> None:
