@@ -74,8 +74,8 @@ class AdmissionLimits:
 @dataclass
 class _Failures:
     count: int
-    last: float
-    next_challenge: float  # the address's CHALLENGEs wait until then
+    last: float  # time of the latest failure
+    delay: float  # the address's CHALLENGEs wait until last + delay
 
 
 @dataclass
@@ -167,7 +167,7 @@ class Admission:
         if now - entry.last >= self.limits.failure_window:
             del self._failures[host]  # quiet long enough: forgiven
             return 0.0
-        return max(0.0, entry.next_challenge - now)
+        return max(0.0, entry.delay - (now - entry.last))
 
     def failures(self, host: str, now: float) -> int:
         """Failed logins in a row from ``host`` that are not yet forgotten."""
@@ -181,11 +181,11 @@ class Admission:
         limits = self.limits
         entry = self._failures.pop(host, None)  # re-inserted last: the dict stays oldest-first
         if entry is None or now - entry.last >= limits.failure_window:
-            entry = _Failures(0, now, now)
+            entry = _Failures(0, now, 0.0)
         entry.count += 1
         entry.last = now
         delay = min(limits.delay_base * 2.0 ** min(entry.count - 1, 62), limits.delay_max)
-        entry.next_challenge = now + delay
+        entry.delay = delay
         self._failures[host] = entry
         self._prune_failures(now)
         fields = {"peer": peer or host, "key": key_id, "host": host, "count": entry.count}
