@@ -47,13 +47,6 @@ class Log(Protocol):
     def info(self, format: str, **kwargs: Any) -> None: ...
 
 
-def _txaio_logger() -> Log:
-    # txaio sets make_logger on the module at run time, once a framework is
-    # chosen (txaio.use_twisted() in the net layer); mypy cannot see it.
-    log: Log = txaio.make_logger()  # type: ignore[attr-defined]
-    return log
-
-
 @dataclass(frozen=True)
 class AdmissionLimits:
     """The server's admission limits (ServerSettings carries the operator's choices)."""
@@ -93,7 +86,12 @@ class Admission:
 
     def __init__(self, limits: AdmissionLimits, log: Log | None = None) -> None:
         self.limits = limits
-        self.log = log if log is not None else _txaio_logger()
+        if log is None:
+            # txaio sets make_logger on the module at run time, once a framework
+            # is chosen (txaio.use_twisted() in the net layer); mypy cannot see
+            # it.  Called here, it names this class as the log namespace.
+            log = txaio.make_logger()  # type: ignore[attr-defined]
+        self.log: Log = log
         self.handshaking = 0  # subflows connected but not yet authenticated
         self.handshaking_from: dict[str, int] = {}  # the same, per source address
         self.sessions = 0  # live sessions, all keys
