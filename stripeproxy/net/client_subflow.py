@@ -1,20 +1,29 @@
-"""The client end of a subflow: answer the challenge, check the server's proof."""
+"""The client end of a subflow: a thin adapter around core.handshake.ClientHandshake."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 
 from stripeproxy.core import handshake, wire
+from stripeproxy.core.handshake import ClientState, Failed, Joined, Rejected
+from stripeproxy.core.redial import RedialPolicy
+from stripeproxy.net import _contract
 from stripeproxy.net.client import ClientSessionDriver, Overlay
 from stripeproxy.net.subflow import SubflowProtocol
+
+# Handshakes that ended without a verdict; they count as failures for the re-dial backoff.
+_UNFINISHED = frozenset(
+    {ClientState.AWAIT_CHALLENGE, ClientState.AWAIT_VERDICT, ClientState.FAILED}
+)
 
 
 class ClientSubflow(SubflowProtocol):
     """Client end of a subflow: answer the challenge, check the server's proof."""
 
-    def __init__(self, overlay: Overlay) -> None:
+    def __init__(self, overlay: Overlay, redial: RedialPolicy | None = None) -> None:
         settings = overlay.settings
         super().__init__(
             settings.reactor,
@@ -24,63 +33,86 @@ class ClientSubflow(SubflowProtocol):
             congestion=settings.congestion,
         )
         self.overlay = overlay
-        self.nonce = handshake.new_nonce()
+        self.redial = redial if redial is not None else RedialPolicy()
+        self.handshake = handshake.ClientHandshake(
+            settings.psk, settings.key_id, settings.config.crc, self._choose_session
+        )
         self._target: ClientSessionDriver | None = None
-        self._server_nonce = b""
-        self._flags = 0
+
+    @property
+    def nonce(self) -> bytes:
+        return self.handshake.nonce
+
+    def _choose_session(self) -> tuple[bytes, bool]:
+        """Asked at CHALLENGE time: join the overlay's current session."""
+        target = self._target = self.overlay.current()
+        return target.session_id, target.established
 
     def start_handshake(self) -> None:
         """The server speaks first (CHALLENGE); nothing to send yet."""
 
     def handshake_frame(self, frame: wire.Frame) -> None:
-        settings = self.overlay.settings
-        if self._target is None:
-            if not isinstance(frame, wire.Challenge):
-                raise wire.ProtocolError(f"expected CHALLENGE, got {type(frame).__name__}")
-            if frame.version != wire.PROTOCOL_VERSION:
-                raise wire.ProtocolError(f"server speaks protocol version {frame.version}")
-            self._server_nonce = frame.nonce
-            self._target = self.overlay.current()
-            self._flags = wire.AUTH_JOIN_ONLY if self._target.established else 0
-            session_id = self._target.session_id
-            mac = handshake.client_proof(
-                settings.psk, frame.nonce, self.nonce, session_id, self._flags, settings.key_id
-            )
-            auth = wire.Auth(
-                wire.PROTOCOL_VERSION, self.nonce, session_id, self._flags, settings.key_id, mac
-            )
-            self.write_frame(wire.encode_auth(auth, self.crc))
-            return
+        outcome = self.handshake.receive(frame)
+        data = self.handshake.data_to_send()
+        if data:
+            self.write_frame(data)
+        if isinstance(outcome, Joined):
+            self._joined()
+        elif isinstance(outcome, Rejected):
+            self._rejected(outcome)
+        elif isinstance(outcome, Failed):
+            self.fail(outcome.reason)
+
+    def _joined(self) -> None:
         target = self._target
-        if isinstance(frame, wire.Reject):
-            if frame.code == wire.REJECT_UNKNOWN_SESSION:
-                # The server restarted: its streams are gone, so are ours.
-                target.session.close("the server no longer knows this session")
-            self.fail(f"server rejected the subflow: {frame.reason or frame.code}")
-            return
-        if not isinstance(frame, wire.Welcome):
-            raise wire.ProtocolError(f"expected WELCOME, got {type(frame).__name__}")
-        expected = handshake.server_proof(
-            settings.psk, self._server_nonce, self.nonce, target.session_id, frame.flags
-        )
-        if not handshake.proofs_equal(expected, frame.mac):
-            self.fail("the server could not prove it holds the key; check --psk-file")
-            return
-        if target.session.closed:
+        assert target is not None
+        if _contract.closed(target):
             self.fail("session ended during the handshake")
             return
-        if target.established and frame.flags & wire.WELCOME_CREATED:
-            raise wire.ProtocolError("server created a session we asked to join")
         target.established = True
         self.overlay.joins += 1
+        self.redial.joined()
         self.joined(target)
+
+    def _rejected(self, outcome: Rejected) -> None:
+        target = self._target
+        assert target is not None
+        if outcome.code == wire.REJECT_UNKNOWN_SESSION:
+            # The server restarted: its streams are gone, so are ours.
+            _contract.close(target, "the server no longer knows this session")
+        if outcome.code == wire.REJECT_BAD_AUTH:
+            # A configuration error, the same on every subflow: one clear line
+            # (not one per subflow and re-dial), then a long wait between dials.
+            if self.redial.bad_key():
+                self.log.error(
+                    "the server at {peer} rejected our key (key id {key!r}): {reason!r}; "
+                    "check --psk-file and --key-id; re-dialling every {delay:g} s",
+                    peer=self.peer,
+                    key=self.overlay.settings.key_id,
+                    reason=outcome.reason,
+                    delay=self.redial.rejected_delay,
+                )
+            self.abort()
+            return
+        if outcome.code != wire.REJECT_UNKNOWN_SESSION:  # that one re-dials into a new session
+            self.redial.handshake_failed()  # a limit or the version: back off
+        self.fail(f"server rejected the subflow: {outcome.reason!r}")
+
+    def lost(self, reason: Failure | None) -> None:
+        if self.handshake.state in _UNFINISHED:
+            self.redial.handshake_failed()  # timed out, a bad proof, a TLS error...
+        self.handshake.lost()
 
 
 class SubflowFactory(Factory):
+    """Builds a :class:`ClientSubflow` per dial; its ``redial`` policy paces the re-dials
+    (pass ``redial.delay`` as the ``ClientService``'s ``retryPolicy``)."""
+
     noisy = False
 
-    def __init__(self, overlay: Overlay) -> None:
+    def __init__(self, overlay: Overlay, retry_max: float = 10.0) -> None:
         self.overlay = overlay
+        self.redial = RedialPolicy(max_delay=retry_max)
 
     def buildProtocol(self, addr: Any) -> ClientSubflow:
-        return ClientSubflow(self.overlay)
+        return ClientSubflow(self.overlay, self.redial)

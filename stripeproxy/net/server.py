@@ -45,8 +45,18 @@ class ServerSettings:
     # Bytes all sessions together may hold in buffers (see SessionRegistry).
     memory_limit: int = 1024 * 1024 * 1024
     policy: TargetPolicy = field(default_factory=TargetPolicy)
+    # Failed logins (SPEC.md section 2): they delay the failing address's next
+    # CHALLENGE (doubling per failure up to auth_delay_max, which is kept below
+    # half the handshake timeout) and are forgotten after auth_failure_window
+    # quiet seconds; auth_failure_limit of them per address are logged one by
+    # one, then one line per minute.  They never refuse a client that proves the key.
     auth_failure_limit: int = 10
     auth_failure_window: float = 60.0
+    auth_delay_max: float = 5.0
+    # Per-key quotas (0: none), so one key holder cannot fill max_sessions.
+    sessions_per_key: int = 32
+    session_creations_per_key: int = 30
+    session_creation_interval: float = 60.0
 
 
 class ServerSessionDriver(SessionDriver):

@@ -1,25 +1,27 @@
-"""The server end of a subflow: challenge, verify the proof, join a session."""
+"""The server end of a subflow: a thin adapter around core.handshake.ServerHandshake.
+
+Admission (the handshake pool, the delay a failing source waits before its
+CHALLENGE, per-key quotas) is decided by the registry's pure
+:class:`~stripeproxy.core.admission.Admission`; the handshake itself by the
+sans-I/O :class:`~stripeproxy.core.handshake.ServerHandshake`.  This class
+feeds both and does the I/O: write, close, wait.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from stripeproxy.core import handshake, wire
+from stripeproxy.core.handshake import Failed, Joined, Outcome, Proven, Rejected
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.registry import SessionRegistry
 from stripeproxy.net.server import ServerSettings
 from stripeproxy.net.subflow import SubflowProtocol
-
-_REJECT_REASONS = {
-    wire.REJECT_BAD_AUTH: "authentication failed",
-    wire.REJECT_UNKNOWN_SESSION: "unknown session",
-    wire.REJECT_TOO_MANY_SUBFLOWS: "too many subflows in this session",
-    wire.REJECT_TOO_MANY_SESSIONS: "too many sessions",
-    wire.REJECT_VERSION: "unsupported protocol version",
-}
 
 
 class ServerSubflow(SubflowProtocol):
@@ -35,120 +37,120 @@ class ServerSubflow(SubflowProtocol):
         )
         self.settings = settings
         self.registry = registry
-        self.nonce = handshake.new_nonce()
-        self._handshaking = False
-        self._host = ""
+        self.handshake = handshake.ServerHandshake(settings.keys, settings.config.crc)
+        self._slot: str | None = None  # the address whose handshake-pool slot we hold
+        self._wait: IDelayedCall | None = None  # a CHALLENGE or AUTH held back
 
-    def start_handshake(self) -> None:
-        registry = self.registry
-        if registry.guard.blocked(self.peer_host):
-            self.abort()  # too many failures: not even a challenge
-            return
-        if registry.handshaking >= self.settings.max_handshakes:
-            # A flood of connections that never authenticate must not grow
-            # memory without bound; established subflows are not affected.
-            if not registry.handshakes_full:
-                registry.handshakes_full = True
-                self.log.warn(
-                    "{count} subflows are authenticating at once: refusing new "
-                    "connections until some finish (--max-handshakes)",
-                    count=registry.handshaking,
-                )
-            self.abort()
-            return
-        host = self.peer_host
-        share = self.settings.handshakes_per_address
-        if share and registry.handshaking_from.get(host, 0) >= share:
-            # One address may not take the whole pool and lock everybody out.
-            if host not in registry.addresses_full:
-                registry.addresses_full.add(host)
-                self.log.warn(
-                    "{host} has {share} subflows authenticating at once: refusing its new "
-                    "connections until some finish",
-                    host=host,
-                    share=share,
-                )
-            self.abort()
-            return
-        registry.handshaking += 1
-        registry.handshaking_from[host] = registry.handshaking_from.get(host, 0) + 1
-        self._handshaking = True
-        self._host = host
-        self.write_frame(wire.encode_challenge(self.nonce, self.crc))
-
-    def _handshake_over(self) -> None:
-        if self._handshaking:
-            self._handshaking = False
-            registry = self.registry
-            registry.handshaking -= 1
-            if registry.handshaking < max(1, self.settings.max_handshakes // 2):
-                registry.handshakes_full = False
-            left = registry.handshaking_from[self._host] - 1
-            if left:
-                registry.handshaking_from[self._host] = left
-            else:
-                del registry.handshaking_from[self._host]
-                registry.addresses_full.discard(self._host)
-
-    def joined(self, driver: SessionDriver) -> None:
-        self._handshake_over()
-        super().joined(driver)
-
-    def lost(self, reason: Failure | None) -> None:
-        self._handshake_over()
+    @property
+    def nonce(self) -> bytes:
+        return self.handshake.nonce
 
     @property
     def peer_host(self) -> str:
         assert self.transport is not None
         return str(getattr(self.transport.getPeer(), "host", ""))
 
-    def handshake_frame(self, frame: wire.Frame) -> None:
-        if not isinstance(frame, wire.Auth):
-            raise wire.ProtocolError(f"expected AUTH, got {type(frame).__name__}")
-        if self.registry.guard.blocked(self.peer_host):
-            # Checked again here: behind a PROXY-protocol load balancer the
-            # client's own address is only known once the header has arrived.
-            self.reject(wire.REJECT_BAD_AUTH)
+    def start_handshake(self) -> None:
+        host = self.peer_host
+        delay = self.registry.admission.begin_handshake(host, self.registry.now())
+        if delay is None:
+            self.abort()  # the pool (or this address's share) is full: not even a challenge
             return
-        if frame.version != wire.PROTOCOL_VERSION:
-            self.reject(wire.REJECT_VERSION)
-            return
-        psk = self.settings.keys.get(frame.key_id)
-        expected = handshake.client_proof(
-            psk or b"\0" * 32, self.nonce, frame.nonce, frame.session_id, frame.flags, frame.key_id
-        )
-        if not handshake.proofs_equal(expected, frame.mac) or psk is None:
-            guard = self.registry.guard
-            count = guard.failed(self.peer_host)
-            if count <= guard.limit:
-                self.log.warn(
-                    "subflow {peer}: authentication failed (key id {key!r}); "
-                    "{count} of {limit} allowed in {window:g} s{more}",
-                    peer=self.peer,
-                    key=frame.key_id,
-                    count=count,
-                    limit=guard.limit,
-                    window=guard.window,
-                    more="; refusing this address for now" if count == guard.limit else "",
-                )
-            self.reject(wire.REJECT_BAD_AUTH)
-            return
-        driver, code = self.registry.attach(frame.key_id, frame.session_id, frame.flags)
-        if driver is None:
-            self.reject(code)
-            return
-        proof = handshake.server_proof(psk, self.nonce, frame.nonce, frame.session_id, code)
-        self.write_frame(wire.encode_welcome(wire.Welcome(code, proof), self.crc))
-        self.joined(driver)
+        self._slot = host
+        self._after(delay, self._challenge)
 
-    def reject(self, code: int) -> None:
+    def _challenge(self) -> None:
+        self.handshake.start()
+        self.write_frame(self.handshake.data_to_send())
+
+    def _after(self, delay: float, then: Callable[[], None]) -> None:
+        """Run ``then`` now, or after ``delay`` seconds (a failing source's penalty)."""
+        if delay <= 0:
+            then()
+            return
+
+        def fire() -> None:
+            self._wait = None
+            then()
+
+        self._wait = self.clock.callLater(delay, fire)
+
+    def handshake_frame(self, frame: wire.Frame) -> None:
+        host = self.peer_host
+        if isinstance(frame, wire.Auth) and host != self._slot:
+            # Behind a PROXY-protocol balancer the client's own address is only
+            # known now, after the CHALLENGE went out: its penalty delays the
+            # answer instead.
+            delay = self.registry.admission.challenge_delay(host, self.registry.now())
+            self._slot_moved(host)
+            if delay > 0:
+                self.pause_handshake()
+                self._after(delay, lambda: self._auth_after_hold(frame))
+                return
+        self._act(self.handshake.receive(frame))
+
+    def _slot_moved(self, host: str) -> None:
+        """Count the pool slot against the address the PROXY header named."""
+        if self._slot is not None:
+            self.registry.admission.move_handshake(self._slot, host)
+            self._slot = host
+
+    def _auth_after_hold(self, frame: wire.Frame) -> None:
+        self._act(self.handshake.receive(frame))
+        if not self._gone:
+            self.resume_handshake()
+
+    def _act(self, outcome: Outcome | None) -> None:
+        """Do what the handshake's outcome asks; send what it queued."""
+        registry = self.registry
+        if isinstance(outcome, Proven):
+            driver, code = registry.attach(
+                outcome.key_id, outcome.session_id, outcome.flags, self.peer_host
+            )
+            if driver is None:
+                outcome = self.handshake.refused(code)
+            else:
+                outcome = self.handshake.attached(code)
+                self.write_frame(self.handshake.data_to_send())
+                self.joined(driver)
+                return
+        data = self.handshake.data_to_send()
+        if isinstance(outcome, Rejected):
+            if outcome.code == wire.REJECT_BAD_AUTH:
+                registry.admission.auth_failed(
+                    self.peer_host, self.handshake.key_id, registry.now(), self.peer
+                )
+            self._reject(data)
+        elif isinstance(outcome, Failed):
+            self.fail(outcome.reason)
+        else:
+            assert outcome is None or isinstance(outcome, Joined)
+            self.write_frame(data)
+
+    def _reject(self, data: bytes) -> None:
         """Send REJECT and close; the handshake timer aborts the connection
         if the peer does not let it close (a TLS close waits for the peer)."""
         self._handshake_over()  # its slot is free at once, whatever the peer does
-        self.write_frame(wire.encode_reject(code, _REJECT_REASONS.get(code, ""), self.crc))
+        self.write_frame(data)
         self._gone = True
         assert self.transport is not None
         self.transport.loseConnection()
+
+    def _handshake_over(self) -> None:
+        if self._wait is not None and self._wait.active():
+            self._wait.cancel()
+        self._wait = None
+        if self._slot is not None:
+            self.registry.admission.end_handshake(self._slot)
+            self._slot = None
+
+    def joined(self, driver: SessionDriver) -> None:
+        self._handshake_over()
+        super().joined(driver)
+
+    def lost(self, reason: Failure | None) -> None:
+        self.handshake.lost()
+        self._handshake_over()
 
 
 class SubflowFactory(Factory):

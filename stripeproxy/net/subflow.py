@@ -77,6 +77,9 @@ class SubflowProtocol(Protocol):
         self.sid = 0
         self._handshake_timer: IDelayedCall | None = None
         self._gone = False
+        # While a subclass holds a handshake frame back (pause_handshake), later
+        # bytes wait here; a conforming peer sends none before our answer.
+        self._paused: bytearray | None = None
 
     @property
     def peer(self) -> str:
@@ -96,6 +99,11 @@ class SubflowProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._gone:
             return
+        if self._paused is not None:
+            self._paused += data
+            if len(self._paused) > wire.HANDSHAKE_MAX_BODY:
+                self.fail("too much data before the handshake's answer")
+            return
         try:
             # During the handshake, one frame at a time: the frames behind the
             # one that completes it are decoded under the session's frame limit.
@@ -105,7 +113,7 @@ class SubflowProtocol(Protocol):
                 if not frames:
                     return
                 self.handshake_frame(frames[0])
-                if self._gone:
+                if self._gone or self._paused is not None:
                     return
             frames = self.decoder.feed(data)
         except wire.ProtocolError as e:
@@ -114,6 +122,17 @@ class SubflowProtocol(Protocol):
         if frames:
             self.driver.frames(self.sid, frames)
 
+    def pause_handshake(self) -> None:
+        """Stop decoding handshake frames until :meth:`resume_handshake`
+        (the server holds an AUTH back while its source's delay runs)."""
+        self._paused = bytearray()
+
+    def resume_handshake(self) -> None:
+        """Decode again, starting with whatever arrived meanwhile."""
+        data, self._paused = self._paused, None
+        if data is not None:
+            self.dataReceived(bytes(data))
+
     def joined(self, driver: SessionDriver) -> None:
         """The handshake succeeded: from now on frames go to the session."""
         if self._handshake_timer is not None and self._handshake_timer.active():
@@ -121,8 +140,8 @@ class SubflowProtocol(Protocol):
         self._handshake_timer = None
         self.decoder.max_body = self.max_body
         self.driver = driver
-        assert self.transport is not None
-        self.transport.registerProducer(self, True)
+        transport: Any = self.transport  # an ITCPTransport or a TLS one: both are consumers
+        transport.registerProducer(self, True)
         driver.attach(self)  # sets self.sid
 
     def _handshake_expired(self) -> None:
@@ -143,8 +162,9 @@ class SubflowProtocol(Protocol):
 
     def abort(self) -> None:
         self._gone = True
-        if self.transport is not None:
-            self.transport.abortConnection()
+        transport: Any = self.transport  # ITransport lacks abortConnection; TCP and TLS have it
+        if transport is not None:
+            transport.abortConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._gone = True
