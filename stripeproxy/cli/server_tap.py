@@ -109,14 +109,43 @@ class Options(SessionOptions):
             "auth-failures",
             None,
             default_of(ServerSettings, "auth_failure_limit"),
-            "Failed logins from one address before it is refused.",
+            "Failed logins from one address logged one by one, then one line a minute.",
             int,
         ],
         [
             "auth-window",
             None,
             default_of(ServerSettings, "auth_failure_window"),
-            "Seconds over which --auth-failures are counted.",
+            "Quiet seconds after which an address's failed logins are forgotten.",
+            float,
+        ],
+        [
+            "auth-delay-max",
+            None,
+            default_of(ServerSettings, "auth_delay_max"),
+            "Longest delay before the next CHALLENGE to an address whose logins fail "
+            "(doubles per failure from 0.5 s; a correct key always gets in).",
+            float,
+        ],
+        [
+            "sessions-per-key",
+            None,
+            default_of(ServerSettings, "sessions_per_key"),
+            "Most live sessions one key may hold (0: no quota).",
+            int,
+        ],
+        [
+            "session-rate",
+            None,
+            default_of(ServerSettings, "session_creations_per_key"),
+            "Most sessions one key may create per --session-rate-window (0: no quota).",
+            int,
+        ],
+        [
+            "session-rate-window",
+            None,
+            default_of(ServerSettings, "session_creation_interval"),
+            "Seconds over which --session-rate is counted.",
             float,
         ],
         *session_parameters(ServerSettings),
@@ -154,6 +183,12 @@ class Options(SessionOptions):
         for name in limits:
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+        for name in ("sessions-per-key", "session-rate"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must be 0 (no quota) or positive")
+        for name in ("auth-window", "auth-delay-max", "session-rate-window"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
         self["tls"] = None
         if not self["no-tls"]:
             # Loaded now, so that a missing or malformed file is a usage error.
@@ -187,6 +222,10 @@ def server_settings(options: Options, reactor: Any) -> ServerSettings:
         policy=TargetPolicy(allow=options["allow"], deny=options["deny"]),
         auth_failure_limit=options["auth-failures"],
         auth_failure_window=options["auth-window"],
+        auth_delay_max=options["auth-delay-max"],
+        sessions_per_key=options["sessions-per-key"],
+        session_creations_per_key=options["session-rate"],
+        session_creation_interval=options["session-rate-window"],
     )
 
 
