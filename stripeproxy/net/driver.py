@@ -72,6 +72,31 @@ class SessionDriver:
         self.session.subflow_writable(sid, writable)
         self.rearm()
 
+    @property
+    def closed(self) -> bool:
+        """The session is over."""
+        return self.session.closed
+
+    def close(self, reason: str) -> None:
+        """End the session: reset every stream, drop every subflow."""
+        self.session.close(reason)
+
+    @property
+    def subflow_count(self) -> int:
+        """Live subflows of this session."""
+        return len(self.subflows)
+
+    @property
+    def stream_count(self) -> int:
+        """Open streams of this session."""
+        return len(self.session.stream_ids)
+
+    def set_memory_budget(self, budget: int) -> None:
+        """Bytes this session may hold for its peer (the server shares one limit)."""
+        if self.session.memory_budget != budget:
+            self.session.set_memory_budget(budget)
+            self.rearm()  # the budget may have let chunks go out
+
     def register_stream(self, stream_id: int, stream: LocalStream) -> None:
         self.streams[stream_id] = stream
 
