@@ -268,7 +268,7 @@ def test_memory_limit_is_shared_among_sessions() -> None:
     registry = SessionRegistry(settings)
 
     def budgets() -> list[int]:
-        return [d.session.memory_budget for d in registry.sessions.values()]
+        return [d.memory_budget for d in registry.sessions.values()]
 
     drivers = []
     for n in range(1, 5):
@@ -278,9 +278,9 @@ def test_memory_limit_is_shared_among_sessions() -> None:
         # Alone, a session gets its whole window; then an equal share each.
         assert budgets() == [min(32 * MiB, 48 * MiB // n)] * n
     for driver in drivers[:3]:
-        driver.session.close("test over")  # the driver tells the registry
+        driver.close("test over")  # the driver tells the registry
     assert budgets() == [32 * MiB]
-    drivers[3].session.close("test over")
+    drivers[3].close("test over")
     assert registry.sessions == {}
 
 

@@ -55,7 +55,7 @@ class ClientSubflow(SubflowProtocol):
         if isinstance(frame, wire.Reject):
             if frame.code == wire.REJECT_UNKNOWN_SESSION:
                 # The server restarted: its streams are gone, so are ours.
-                target.session.close("the server no longer knows this session")
+                target.close("the server no longer knows this session")
             self.fail(f"server rejected the subflow: {frame.reason or frame.code}")
             return
         if not isinstance(frame, wire.Welcome):
@@ -66,7 +66,7 @@ class ClientSubflow(SubflowProtocol):
         if not handshake.proofs_equal(expected, frame.mac):
             self.fail("the server could not prove it holds the key; check --psk-file")
             return
-        if target.session.closed:
+        if target.closed:
             self.fail("session ended during the handshake")
             return
         if target.established and frame.flags & wire.WELCOME_CREATED:

@@ -57,6 +57,4 @@ class SessionRegistry:
         share = self.settings.memory_limit // max(len(self.sessions), 1)
         budget = max(config.min_stream_window, min(config.session_window, share))
         for driver in self.sessions.values():
-            if driver.session.memory_budget != budget:
-                driver.session.set_memory_budget(budget)
-                driver.rearm()  # the budget may have let chunks go out
+            driver.set_memory_budget(budget)
