@@ -205,7 +205,7 @@ class Server:
         # A stopped listener leaves accepted subflows and their sessions alive
         # (under twistd the reactor stops next); the test ends them itself.
         for driver in self.sessions:
-            driver.session.close("server stopped")
+            driver.close("server stopped")
 
     @property
     def registry(self) -> SessionRegistry:
@@ -369,7 +369,7 @@ async def start_client(
     async def stop() -> None:
         await service.stopService()
         if overlay.driver is not None:
-            overlay.driver.session.close("test finished")
+            overlay.driver.close("test finished")
 
     cleanup.add(stop, "stop client")
     port = await listening_port(socks[0])

@@ -116,7 +116,7 @@ async def under_way(
 
 
 def lost(driver: SessionDriver) -> int:
-    return driver.session.counters()["subflows_lost"]
+    return driver.counters()["subflows_lost"]
 
 
 async def wait_recovered(rig: Rig) -> None:
@@ -124,10 +124,7 @@ async def wait_recovered(rig: Rig) -> None:
     pair = rig.pair
     await pair.wait_established(timeout=RECOVERY)
     await wait_for(
-        lambda: (
-            not pair.client_driver().session.stream_ids
-            and not pair.server_driver().session.stream_ids
-        ),
+        lambda: not pair.client_driver().stream_count and not pair.server_driver().stream_count,
         "both sessions to forget the finished streams",
         timeout=RECOVERY,
     )
@@ -151,7 +148,7 @@ def subflow_of(driver: SessionDriver, link: Link) -> int | None:
 
 def report(what: str, tls: bool, result: Transfer, rig: Rig) -> None:
     client, server = rig.pair.client_driver(), rig.pair.server_driver()
-    cc, sc = client.session.counters(), server.session.counters()
+    cc, sc = client.counters(), server.counters()
     print(
         f"\n{what} {mode(tls)}: {throughput(SIZE, result.seconds)} each way; "
         f"lost client/server {cc['subflows_lost']}/{sc['subflows_lost']}, "
@@ -340,7 +337,7 @@ async def test_all_subflows_gone_shorter_than_grace(cleanup, keys, tls):
     # The same session on both sides: its streams resumed, nothing was reset.
     assert rig.pair.client_driver() is client
     assert list(rig.pair.server.registry.sessions.values()) == [server]
-    assert server.session_id == session_id and not server.session.closed
+    assert server.session_id == session_id and not server.closed
     assert lost(client) >= K and lost(server) >= K
 
 
@@ -489,7 +486,7 @@ async def test_server_restart_mid_transfer(cleanup, keys, tls, log_messages):
     assert result.received < SIZE
     assert not any("timed out" in e for e in result.errors), result.errors
     await pair.wait_established(timeout=RECOVERY)
-    assert pair.client_driver() is not old and old.session.closed
+    assert pair.client_driver() is not old and old.closed
     assert any("unknown session" in m for m in log_messages)
     again = await in_thread(socks_echo, rig.socks_port, rig.target.port, SIZE, 9)
     print(f"after the restart: {throughput(SIZE, again.seconds)} each way")
@@ -622,7 +619,7 @@ async def test_black_hole_on_the_ack_path(cleanup, keys, tls):
     started = time.monotonic()
     data = await transfer
     seconds = time.monotonic() - started
-    counters = server_driver.session.counters()
+    counters = server_driver.counters()
     print(
         f"\nACK path black-holed {mode(tls)}: the download ended {seconds:.2f} s later; "
         f"subflows lost client/server {lost(client_driver)}/{lost(server_driver)}; server "

@@ -236,10 +236,7 @@ async def test_fifty_concurrent_streams(cleanup, keys, tls):
     print(f"\n50 streams, {sum(sizes) / MiB:.1f} MiB; peak concurrent targets {peak}")
     # Every stream finished cleanly on both sides.
     await wait_for(
-        lambda: (
-            not pair.client_driver().session.stream_ids
-            and not pair.server_driver().session.stream_ids
-        ),
+        lambda: not pair.client_driver().stream_count and not pair.server_driver().stream_count,
         "both sessions to forget the finished streams",
     )
 
@@ -446,7 +443,7 @@ async def test_client_recovers_from_a_server_restart(cleanup, keys, tls, log_mes
     await pair.wait_established()
 
     assert pair.client_driver() is not old_session
-    assert old_session.session.closed
+    assert old_session.closed
     assert any("unknown session" in m for m in log_messages)
     check_echo(await in_thread(socks_echo, pair.socks_port, target.port, MiB, 1), MiB)
 

@@ -32,9 +32,6 @@ CORE_THIRD_PARTY = frozenset({"crc32c", "txaio", "zope.interface"})
 # Core modules that import twisted.internet on main today (IReactorTime, for their
 # clock); the issue 9 work removes those imports. strict=True turns the fix into an
 # XPASS failure, the signal to delete the entry.
-KNOWN_CORE_OFFENDERS = frozenset({"stripeproxy.core.session", "stripeproxy.core.guard"})
-
-
 @dataclass(frozen=True)
 class Import:
     """One module name an import statement may load, and where the statement is."""
@@ -137,15 +134,7 @@ def _where(path: Path) -> Path:
 
 
 def _core_params() -> list[object]:
-    params: list[object] = []
-    for module in _layer("stripeproxy.core"):
-        marks = (
-            [pytest.mark.xfail(strict=True, reason="imports twisted.internet on main (issue 9)")]
-            if module.name in KNOWN_CORE_OFFENDERS
-            else []
-        )
-        params.append(pytest.param(module.name, marks=marks, id=module.name))
-    return params
+    return [pytest.param(m.name, id=m.name) for m in _layer("stripeproxy.core")]
 
 
 def test_the_layers_are_found() -> None:
@@ -154,8 +143,6 @@ def test_the_layers_are_found() -> None:
     for layer in ("net", "ops", "cli", "harness", "testing"):
         assert _layer(f"stripeproxy.{layer}"), layer
     assert "twisted.plugins.stripeproxy_plugins" in BY_NAME
-    gone = KNOWN_CORE_OFFENDERS - BY_NAME.keys()
-    assert not gone, f"known offenders no longer exist, drop them: {sorted(gone)}"
 
 
 @pytest.mark.parametrize("name", _core_params())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import pytest_twisted
@@ -23,18 +23,41 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.web.server import Site
 
 from stripeproxy.core.session import KiB, MiB, Session
+from stripeproxy.net.driver import StreamInfo, SubflowInfo
 from stripeproxy.ops.observe import Monitor
 from stripeproxy.testing import CLIENT, SessionPair
 
 
 @dataclass
 class FakeDriver:
-    """The parts of a SessionDriver the monitor reads."""
+    """The parts of a SessionDriver the monitor reads, over a bare session."""
 
     session: Session
     label: str = "c0ffee00"
-    subflows: dict[int, object] = field(default_factory=dict)
-    streams: dict[int, object] = field(default_factory=dict)
+
+    def counters(self) -> dict[str, int]:
+        return self.session.counters()
+
+    def buffered_bytes(self) -> int:
+        return self.session.buffered_bytes()
+
+    def subflow_info(self) -> list[SubflowInfo]:
+        rows = []
+        for sid in self.session.subflow_ids:
+            sf = self.session.subflow(sid)
+            totals = {
+                name: getattr(sf, name) for name in ("tx_real", "tx_dummy", "rx_real", "rx_dummy")
+            }
+            rows.append(
+                SubflowInfo(sid, "?", sf.writable, sf.srtt, sf.inflight, totals, sf.tx_retransmit)
+            )
+        return rows
+
+    def stream_info(self) -> list[StreamInfo]:
+        return [
+            StreamInfo(stream_id, "", None, *self.session.stream_progress(stream_id))
+            for stream_id in self.session.stream_ids
+        ]
 
 
 def test_monitor_rates_and_totals_are_exact_on_a_clock() -> None:

@@ -37,7 +37,6 @@ from stripeproxy.cli.keygen import main as keygen_main
 from stripeproxy.core import control, handshake, socks5, wire
 from stripeproxy.core.admission import Admission, AdmissionLimits
 from stripeproxy.core.session import MiB, SessionConfig
-from stripeproxy.net import _contract
 from stripeproxy.net.registry import SessionRegistry
 from stripeproxy.net.server import ServerSettings
 
@@ -289,7 +288,7 @@ def test_memory_limit_is_shared_among_sessions() -> None:
     registry = SessionRegistry(settings)
 
     def budgets() -> list[int]:
-        return [d.session.memory_budget for d in registry.sessions.values()]
+        return [d.memory_budget for d in registry.sessions.values()]
 
     drivers = []
     for n in range(1, 5):
@@ -299,9 +298,9 @@ def test_memory_limit_is_shared_among_sessions() -> None:
         # Alone, a session gets its whole window; then an equal share each.
         assert budgets() == [min(32 * MiB, 48 * MiB // n)] * n
     for driver in drivers[:3]:
-        driver.session.close("test over")  # the driver tells the registry
+        driver.close("test over")  # the driver tells the registry
     assert budgets() == [32 * MiB]
-    drivers[3].session.close("test over")
+    drivers[3].close("test over")
     assert registry.sessions == {}
 
 
@@ -456,7 +455,7 @@ async def test_a_recorded_auth_replayed_on_a_fresh_challenge_dials_nothing(
     await sleep(0.3)  # a dial would have reached the target by now
     assert target.factory.connections == 1  # ...its replay dialled nothing
     (session,) = server.sessions
-    assert _contract.subflow_count(session) == 0
+    assert session.subflow_count == 0
 
 
 def connect_and_close(port: int, psk: bytes, key_id: str, count: int) -> list[wire.Frame]:

@@ -13,11 +13,11 @@ import random
 from typing import Any
 from unittest import mock
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stripeproxy.core import control, wire
-from stripeproxy.core import session as session_module
 from stripeproxy.core.session import (
     INITIAL_WINDOW,
     RESET_GENERAL,
@@ -26,6 +26,7 @@ from stripeproxy.core.session import (
     MiB,
     SessionConfig,
 )
+from stripeproxy.core.session import config as session_config
 from stripeproxy.testing import C2S, CLIENT, S2C, SERVER, FakeOwner, SessionPair, Side
 
 CHUNK = 64 * KiB
@@ -234,8 +235,9 @@ def test_one_large_stream_is_striped_over_every_subflow() -> None:
 
 
 def test_a_stalled_subflow_gets_no_more_than_its_buffer() -> None:
-    # Subflows that hold two chunks each; subflow 2 stops delivering.
-    pair = SessionPair(k=3, capacity=2 * CHUNK)
+    # Subflows that hold two chunks each; subflow 2 stops delivering.  The
+    # placement below is the plain policy's (the product default is adaptive).
+    pair = SessionPair(k=3, config=SessionConfig(scheduler="least-queued"), capacity=2 * CHUNK)
     stream_id = opened(pair)
     data = payload(11, 4 * MiB)
     pair.hold(2)
@@ -264,7 +266,7 @@ def test_a_stalled_subflow_gets_no_more_than_its_buffer() -> None:
 def test_credit_exhaustion_pauses_the_sender_and_resume_delivers_all() -> None:
     pair = SessionPair(k=3)
     stream_id = opened(pair)
-    pair.server.local_sink_paused(stream_id, True)
+    pair.sink_paused(SERVER, stream_id, True)
     data = payload(12, 2 * MiB)
     pair.write(CLIENT, stream_id, data, eof=True)
     pair.settle()
@@ -280,7 +282,7 @@ def test_credit_exhaustion_pauses_the_sender_and_resume_delivers_all() -> None:
     assert pair.server.buffered_bytes() == 0
     assert pair.client_owner.resumes == []
 
-    pair.server.local_sink_paused(stream_id, False)
+    pair.sink_paused(SERVER, stream_id, False)
     pair.settle()
     assert pair.client_owner.resumes == [stream_id]
     assert sha(pair.server_owner.data(stream_id)) == sha(data)
@@ -302,7 +304,7 @@ def test_receiver_that_stops_reading_holds_bounded_memory() -> None:
         assert buffered <= bound
         delivered = len(pair.server_owner.received.get(stream_id, b""))
         if state["paused_at"] < 0 and delivered >= 2 * MiB:
-            pair.server.local_sink_paused(stream_id, True)
+            pair.sink_paused(SERVER, stream_id, True)
             state["paused_at"] = delivered
             state["paused"] = 1
         if state["paused"]:
@@ -324,7 +326,7 @@ def test_receiver_that_stops_reading_holds_bounded_memory() -> None:
     assert 0 < state["peak"] <= bound
 
     state["paused"] = 0
-    pair.server.local_sink_paused(stream_id, False)
+    pair.sink_paused(SERVER, stream_id, False)
     pair.settle(rng=rng)
     assert sha(pair.server_owner.data(stream_id)) == sha(data)
     assert state["peak"] <= bound
@@ -338,12 +340,12 @@ def test_small_windows_still_reopen_after_a_pause() -> None:
     # defaults) must still be announced when the local peer drains.
     pair = SessionPair(k=2, config=SessionConfig(stream_window=64 * KiB))
     stream_id = opened(pair)
-    pair.server.local_sink_paused(stream_id, True)
+    pair.sink_paused(SERVER, stream_id, True)
     data = payload(15, 1 * MiB)
     pair.write(CLIENT, stream_id, data, eof=True)
     pair.settle()
     assert len(pair.server_owner.data(stream_id)) == INITIAL_WINDOW
-    pair.server.local_sink_paused(stream_id, False)
+    pair.sink_paused(SERVER, stream_id, False)
     pair.settle()
     assert sha(pair.server_owner.data(stream_id)) == sha(data)
     pair.write(SERVER, stream_id, b"", eof=True)
@@ -356,14 +358,14 @@ def test_many_streams_share_the_session_window() -> None:
     ids = [pair.open_stream() for _ in range(16)]
     pair.settle()
     for stream_id in ids:
-        pair.server.local_sink_paused(stream_id, True)
+        pair.sink_paused(SERVER, stream_id, True)
     for i, stream_id in enumerate(ids):
         pair.write(CLIENT, stream_id, payload(100 + i, 512 * KiB), eof=True)
     pair.settle()
     # Nothing grows beyond the initial credit while the sinks are paused.
     assert [len(pair.server_owner.data(s)) for s in ids] == [INITIAL_WINDOW] * 16
     for stream_id in ids:
-        pair.server.local_sink_paused(stream_id, False)
+        pair.sink_paused(SERVER, stream_id, False)
         pair.write(SERVER, stream_id, b"", eof=True)
     pair.settle()
     for i, stream_id in enumerate(ids):
@@ -471,7 +473,7 @@ def test_client_reset_reaches_the_server() -> None:
     pair.deliver_round()  # the first chunks arrive, ACKs go back
     pair.deliver_round()  # the ACKs arrive, more chunks leave: data in flight both ways
     assert placement(pair, C2S, stream_id) and placement(pair, S2C, stream_id)
-    pair.client.local_reset(stream_id, 5)
+    pair.reset(CLIENT, stream_id, 5)
     assert pair.client.stream_ids == []
     # Only the RST itself is still unacknowledged (on stream 0).
     assert pair.client.buffered_bytes() == len(control.encode(control.Rst(stream_id, 5)))
@@ -492,7 +494,7 @@ def test_server_reset_reaches_the_client() -> None:
     pair.deliver_round()
     pair.deliver_round()
     assert placement(pair, C2S, stream_id)
-    pair.server.local_reset(stream_id)
+    pair.reset(SERVER, stream_id)
     pair.settle()
     assert pair.client_owner.resets == [(stream_id, RESET_GENERAL)]
     assert pair.server_owner.resets == []
@@ -547,14 +549,14 @@ def test_memory_budget_caps_what_is_in_flight_whatever_the_peer_grants() -> None
     pair.advance(0.001)
     session = pair.client
     in_flight = sum(len(c.data) for s in streams for c in session._streams[s].send.unacked.values())
-    assert in_flight == session._unacked_bytes
+    assert in_flight == session._credit.unacked_bytes
     assert 4 * MiB <= in_flight <= 4 * MiB + session.config.chunk_size
     for sid in pair.alive:
         pair.release(sid, C2S)
     pair.settle()
     for stream_id in streams:
         assert pair.server_owner.data(stream_id) == payload(stream_id, 256 * KiB) + data[stream_id]
-    assert session._unacked_bytes == len(session._streams[0].send.unacked) == 0
+    assert session._credit.unacked_bytes == len(session._streams[0].send.unacked) == 0
     for stream_id in streams:
         pair.write(SERVER, stream_id, b"", eof=True)
     finish(pair)
@@ -563,13 +565,13 @@ def test_memory_budget_caps_what_is_in_flight_whatever_the_peer_grants() -> None
 def test_a_lower_memory_budget_shrinks_new_credit() -> None:
     pair = SessionPair(k=2)
     stream_id = opened(pair)
-    pair.server.set_memory_budget(1 * MiB)
+    pair.set_memory_budget(SERVER, 1 * MiB)
     pair.write(CLIENT, stream_id, payload(60, 3 * MiB))
     pair.settle()
     recv = pair.server._streams[stream_id].recv
     # Credit announced before stays (it may not shrink); new credit follows the budget.
     assert recv.advertised <= recv.next_offset + 1 * MiB
-    pair.server.set_memory_budget(32 * MiB)  # growing it re-opens the window at once
+    pair.set_memory_budget(SERVER, 32 * MiB)  # growing it re-opens the window at once
     pair.settle()
     assert recv.advertised == recv.next_offset + 4 * MiB  # the stream window again
     pair.write(CLIENT, stream_id, b"", eof=True)
@@ -580,7 +582,7 @@ def test_a_lower_memory_budget_shrinks_new_credit() -> None:
 def test_reset_of_a_stream_whose_open_is_in_flight() -> None:
     pair = SessionPair(k=2)
     stream_id = pair.open_stream()
-    pair.client.local_reset(stream_id, 1)
+    pair.reset(CLIENT, stream_id, 1)
     pair.settle()
     # OPEN then RST in stream-0 order: the server accepted, then dropped it.
     assert pair.server_owner.open_requests == [(stream_id, "example.com", 80)]
@@ -593,7 +595,7 @@ def test_reset_by_the_owner_while_data_is_delivered() -> None:
     pair = SessionPair(k=2)
     stream_id = opened(pair)
     # The local peer aborts on the first bytes it gets, from inside the delivery.
-    pair.client_owner.on_data = lambda sid, _data: pair.client.local_reset(sid, 1)
+    pair.client_owner.on_data = lambda sid, _data: pair.reset(CLIENT, sid, 1)
     response = payload(33, 3 * CHUNK)
     pair.write(SERVER, stream_id, response)
     assert set(placement(pair, S2C, stream_id).values()) == {1, 2}
@@ -841,7 +843,7 @@ def test_client_sends_nothing_before_open_ok() -> None:
     pair.settle()
     assert pair.server_owner.open_requests == [(stream_id, "example.com", 80)]
     assert data_frames(pair, CLIENT, stream_id) == {1: [], 2: []}
-    pair.server.open_succeeded(stream_id, "10.1.2.3", 5555)
+    pair.accept(stream_id, "10.1.2.3", 5555)
     pair.settle()
     assert pair.client_owner.open_results == [(stream_id, 0, "10.1.2.3", 5555)]
     assert pair.server_owner.data(stream_id) == b"early bytes"
@@ -856,8 +858,8 @@ def test_open_fail_reaches_the_client_with_its_code() -> None:
     general = pair.open_stream("10.0.0.2", 9)
     pair.write(CLIENT, refused, b"never sent", eof=True)
     pair.settle()
-    pair.server.open_failed(refused, 5)
-    pair.server.open_failed(general, 0)  # no code: the client reports "general failure"
+    pair.refuse(refused, 5)
+    pair.refuse(general, 0)  # no code: the client reports "general failure"
     assert pair.server.stream_ids == []
     pair.settle()
     assert pair.client_owner.open_results == [
@@ -875,7 +877,9 @@ def test_server_refuses_streams_beyond_max_streams() -> None:
     ids = [pair.open_stream() for _ in range(3)]
     pair.settle()
     assert [r[0] for r in pair.server_owner.open_requests] == ids[:2]
-    assert pair.client_owner.open_results == [
+    # The three OPENs arrive in one control chunk: the refusal is queued while
+    # the chunk is read, the acceptances once the server's owner sees them.
+    assert sorted(pair.client_owner.open_results) == [
         (1, 0, "127.0.0.1", 4242),
         (2, 0, "127.0.0.1", 4242),
         (3, RESET_GENERAL, "", 0),
@@ -1164,6 +1168,31 @@ def test_payload_byte_counters() -> None:
     finish(pair)
 
 
+@pytest.mark.parametrize("crc", [False, True])
+def test_byte_counters_add_up_to_the_bytes_on_the_wire(crc: bool) -> None:
+    """rx_real + rx_dummy is every byte the peer wrote: the decoder reports each
+    frame's wire size, CRC32C trailer included (with --no-tls, ACKs, PINGs,
+    PONGs and GOAWAYs were once counted 4 bytes short each)."""
+    pair = SessionPair(k=2, config=SessionConfig(crc=crc))
+    stream_id = opened(pair)
+    pair.write(CLIENT, stream_id, payload(90, 300 * KiB))
+    pair.write(SERVER, stream_id, payload(91, 100 * KiB))
+    pair.settle()
+    pair.advance(6.0)  # heartbeats: a PING and a PONG each way on every subflow
+    pair.go_away(SERVER, "counted too")
+    pair.settle()
+    assert pair.pending() == 0
+    for side, peer in ((SERVER, CLIENT), (CLIENT, SERVER)):
+        on_wire = sum(len(data) for data in pair.owner(peer).sent.values())
+        received, sent = pair.session(side).counters(), pair.session(peer).counters()
+        assert received["rx_real"] + received["rx_dummy"] == on_wire
+        assert sent["tx_real"] + sent["tx_dummy"] == on_wire
+        assert received["rx_real"] == sent["tx_real"]
+    pair.write(CLIENT, stream_id, b"", eof=True)
+    pair.write(SERVER, stream_id, b"", eof=True)
+    finish(pair)
+
+
 # ---------------------------------------------------------------- property
 
 SMALL = SessionConfig(
@@ -1214,9 +1243,9 @@ def test_random_schedules_deliver_every_byte(
     crc: bool,
 ) -> None:
     config = dataclasses.replace(SMALL, ack_threshold=ack_threshold, crc=crc)
-    # A small initial credit (both sides read the module constant), so that
+    # A small initial credit (both sides read the config module constant), so that
     # credit, not the 256 KiB default, limits the senders most of the time.
-    with mock.patch.object(session_module, "INITIAL_WINDOW", 8 * KiB):
+    with mock.patch.object(session_config, "INITIAL_WINDOW", 8 * KiB):
         run_schedule(config, initial, ops, seed, capacity, 8 * KiB)
 
 
@@ -1270,7 +1299,7 @@ def run_schedule(
         elif kind == "sink":
             stream_id, who, paused = ids[op[1]], op[2], op[3]
             if pair.session(who).has_stream(stream_id):
-                pair.session(who).local_sink_paused(stream_id, paused)
+                pair.sink_paused(who, stream_id, paused)
                 (sinks.add if paused else sinks.discard)((who, stream_id))
         elif kind == "advance":
             pair.advance(op[1])
@@ -1290,7 +1319,7 @@ def run_schedule(
         pair.set_writable(sid, True)
     for who, stream_id in sinks:
         if pair.session(who).has_stream(stream_id):
-            pair.session(who).local_sink_paused(stream_id, False)
+            pair.sink_paused(who, stream_id, False)
     for who in SIDES:
         for stream_id in ids:
             pair.write(who, stream_id, b"", eof=True)

@@ -26,7 +26,7 @@ def test_go_away_lets_open_streams_finish_and_refuses_new_ones() -> None:
     pair = SessionPair(k=2)
     old = pair.open_stream()
     pair.settle()
-    pair.server.go_away("maintenance")
+    pair.go_away(SERVER, "maintenance")
     pair.settle()
     assert ("session_going_away", "maintenance") in pair.client_owner.events
     assert pair.client.peer_going_away and pair.server.going_away
@@ -46,7 +46,7 @@ def test_client_closes_at_once_when_a_going_away_peer_drops() -> None:
     pair = SessionPair(k=2)
     stream_id = pair.open_stream()
     pair.settle()
-    pair.server.go_away("bye")
+    pair.go_away(SERVER, "bye")
     pair.settle()
     pair.kill_subflow(1)
     assert not pair.client.closed  # one subflow left
@@ -65,7 +65,7 @@ async def test_sigterm_style_stop_drains_an_open_transfer(
     pair = await start_pair(cleanup, keys, False, k=3, server_extra=["--drain-timeout", "30"])
     transfer = in_thread(socks_echo, pair.socks_port, target.port, 32 * MiB)
     driver = pair.server_driver()
-    await wait_for(lambda: bool(driver.session.stream_ids), "the stream to open")
+    await wait_for(lambda: bool(driver.stream_count), "the stream to open")
     await sleep(0.05)
     stopped = defer.ensureDeferred(pair.server.stop())  # what twistd does on SIGTERM
     result = await transfer

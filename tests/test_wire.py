@@ -424,3 +424,26 @@ def test_mutated_frames_give_frames_or_protocol_error(
 ) -> None:
     data, crc = stream
     decode_or_error(data, crc, cut_points)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(frames, min_size=1, max_size=12), st.booleans(), cuts)
+def test_decoded_frames_report_their_wire_size(
+    sent: list[Frame], crc: bool, cut_points: list[int]
+) -> None:
+    """One place for frame sizes: the decoder measures every frame (the CRC32C
+    trailer included), and frame_size() of a frame built in memory agrees."""
+    data = b"".join(encode(f, crc) for f in sent)
+    received = feed_split(FrameDecoder(crc), data, cut_points)
+    assert [f.size for f in received] == [len(encode(f, crc)) for f in sent]
+    assert sum(f.size for f in received) == len(data)
+    for frame in sent:
+        assert frame.size == 0  # built in memory: not measured
+        assert wire.frame_size(frame, crc) == len(encode(frame, crc))
+        assert wire.encode_frame(frame, crc) == encode(frame, crc)
+
+
+def test_wire_size_is_not_part_of_equality() -> None:
+    (decoded,) = FrameDecoder(True).feed(wire.encode_ping(7, True))
+    assert decoded == Ping(7) and decoded.size == wire.HEADER_SIZE + 8 + wire.CRC_SIZE
+    assert repr(decoded) == "Ping(token=7)"

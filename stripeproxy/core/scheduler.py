@@ -7,7 +7,9 @@ per-subflow state and never does I/O, so policies are easy to swap and test.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+from stripeproxy.core.wire import CHUNK_SIZE
 
 
 class SubflowView(Protocol):
@@ -21,8 +23,12 @@ class SubflowView(Protocol):
     goodput: float
 
 
+#: The caller's own subflow type: a scheduler hands back one of the objects it was given.
+V = TypeVar("V", bound=SubflowView)
+
+
 class Scheduler(Protocol):
-    def pick(self, subflows: Sequence[SubflowView]) -> SubflowView | None:
+    def pick(self, subflows: Sequence[V]) -> V | None:
         """Return the subflow for the next chunk, or None if none can take one now."""
 
 
@@ -39,11 +45,11 @@ class LeastQueuedScheduler:
     def __init__(self) -> None:
         self._turn = 0
 
-    def pick(self, subflows: Sequence[SubflowView]) -> SubflowView | None:
+    def pick(self, subflows: Sequence[V]) -> V | None:
         n = len(subflows)
         if n == 0:
             return None
-        best: SubflowView | None = None
+        best: V | None = None
         best_index = 0
         start = self._turn % n
         for i in range(n):
@@ -75,13 +81,13 @@ class AdaptiveScheduler:
     Suspect subflows are used only when nothing else can take data.
     """
 
-    def __init__(self, chunk: int = 64 * 1024, probe_every: int = 64) -> None:
+    def __init__(self, chunk: int = CHUNK_SIZE, probe_every: int = 64) -> None:
         self.chunk = chunk
         self.probe_every = probe_every
         self._picks = 0
         self._last_pick: dict[int, int] = {}
 
-    def pick(self, subflows: Sequence[SubflowView]) -> SubflowView | None:
+    def pick(self, subflows: Sequence[V]) -> V | None:
         writable = [sf for sf in subflows if sf.writable]
         if not writable:
             return None
@@ -105,7 +111,7 @@ class AdaptiveScheduler:
 SCHEDULERS = ("adaptive", "least-queued")
 
 
-def make_scheduler(name: str, chunk: int = 64 * 1024) -> Scheduler:
+def make_scheduler(name: str, chunk: int = CHUNK_SIZE) -> Scheduler:
     if name == "adaptive":
         return AdaptiveScheduler(chunk)
     if name == "least-queued":

@@ -13,7 +13,7 @@ into a closed subflow.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import crc32c
 
@@ -56,6 +56,9 @@ REJECT_VERSION = 5
 GOAWAY_SHUTDOWN = 1
 GOAWAY_PROTOCOL_ERROR = 2
 
+#: The session's chunk size: the largest DATA payload it sends (SPEC.md section 8),
+#: one Twisted read; the frame limits below must leave room for it.
+CHUNK_SIZE = 64 * 1024
 DEFAULT_MAX_BODY = 256 * 1024
 # Handshake frames are small; an unauthenticated peer gets no bigger buffer.
 HANDSHAKE_MAX_BODY = 2048
@@ -88,6 +91,7 @@ class Data:
     stream_id: int
     offset: int
     payload: bytes
+    size: int = field(default=0, compare=False, repr=False)  # wire bytes, see frame_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,28 +107,33 @@ class Ack:
     cumulative: int
     limit: int
     ranges: tuple[tuple[int, int], ...] = ()
+    size: int = field(default=0, compare=False, repr=False)  # wire bytes, see frame_size
 
 
 @dataclass(frozen=True, slots=True)
 class Ping:
     token: int
+    size: int = field(default=0, compare=False, repr=False)  # wire bytes, see frame_size
 
 
 @dataclass(frozen=True, slots=True)
 class Pong:
     token: int
+    size: int = field(default=0, compare=False, repr=False)  # wire bytes, see frame_size
 
 
 @dataclass(frozen=True, slots=True)
 class GoAway:
     code: int
     reason: str
+    size: int = field(default=0, compare=False, repr=False)  # wire bytes, see frame_size
 
 
 @dataclass(frozen=True, slots=True)
 class Challenge:
     version: int
     nonce: bytes
+    size: int = field(default=0, compare=False, repr=False)  # wire bytes, see frame_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,21 +144,38 @@ class Auth:
     flags: int
     key_id: str
     mac: bytes
+    size: int = field(default=0, compare=False, repr=False)  # wire bytes, see frame_size
 
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
     flags: int
     mac: bytes
+    size: int = field(default=0, compare=False, repr=False)  # wire bytes, see frame_size
 
 
 @dataclass(frozen=True, slots=True)
 class Reject:
     code: int
     reason: str
+    size: int = field(default=0, compare=False, repr=False)  # wire bytes, see frame_size
 
 
 Frame = Data | Ack | Ping | Pong | GoAway | Challenge | Auth | Welcome | Reject
+
+# Every frame's last field, ``size``, is the bytes it took on the wire (header,
+# body and, in plaintext mode, the CRC32C trailer) as the decoder saw them; a
+# frame built in memory has 0 there.  It takes no part in equality.
+
+
+def frame_size(frame: Frame, crc: bool) -> int:
+    """Bytes ``frame`` takes on the wire: what the decoder measured, or the
+    length of its encoding for a frame built in memory."""
+    if frame.size:
+        return frame.size
+    if isinstance(frame, Data):
+        return data_overhead(crc) + len(frame.payload)
+    return len(encode_frame(frame, crc))
 
 
 def _frame(ftype: int, body: bytes, crc: bool) -> bytes:
@@ -212,19 +238,41 @@ def encode_reject(code: int, reason: str, crc: bool) -> bytes:
     return _frame(T_REJECT, bytes([code]) + reason.encode()[:MAX_REASON], crc)
 
 
+def encode_frame(frame: Frame, crc: bool) -> bytes:
+    """Encode any frame (tests and tools; the data path uses the typed encoders)."""
+    if isinstance(frame, Data):
+        return b"".join(encode_data(frame.stream_id, frame.offset, frame.payload, crc))
+    if isinstance(frame, Ack):
+        return encode_ack(frame, crc)
+    if isinstance(frame, Ping):
+        return encode_ping(frame.token, crc)
+    if isinstance(frame, Pong):
+        return encode_pong(frame.token, crc)
+    if isinstance(frame, GoAway):
+        return encode_goaway(frame.code, frame.reason, crc)
+    if isinstance(frame, Challenge):
+        return _frame(T_CHALLENGE, _CHALLENGE.pack(MAGIC, frame.version, frame.nonce), crc)
+    if isinstance(frame, Auth):
+        return encode_auth(frame, crc)
+    if isinstance(frame, Welcome):
+        return encode_welcome(frame, crc)
+    return encode_reject(frame.code, frame.reason, crc)
+
+
 def _text(body: bytes) -> str:
     if len(body) > MAX_REASON:
         raise ProtocolError("reason text too long")
     return body.decode("utf-8", "replace")
 
 
-def _decode_body(ftype: int, body: bytes) -> Frame:
+def _decode_body(ftype: int, body: bytes, size: int = 0) -> Frame:
+    """One frame from its type and body; ``size`` is its length on the wire."""
     n = len(body)
     if ftype == T_DATA:
         if n <= _DATA_HEAD.size:
             raise ProtocolError("DATA frame without payload")
         stream_id, offset = _DATA_HEAD.unpack_from(body)
-        return Data(stream_id, offset, body[_DATA_HEAD.size :])
+        return Data(stream_id, offset, body[_DATA_HEAD.size :], size)
     if ftype == T_ACK:
         if n < _ACK_HEAD.size:
             raise ProtocolError("short ACK frame")
@@ -239,24 +287,24 @@ def _decode_body(ftype: int, body: bytes) -> Frame:
             if not previous <= start < end:
                 raise ProtocolError("ACK ranges not ascending and disjoint")
             previous = end
-        return Ack(stream_id, cumulative, limit, ranges)
+        return Ack(stream_id, cumulative, limit, ranges, size)
     if ftype in (T_PING, T_PONG):
         if n != _U64.size:
             raise ProtocolError("bad PING/PONG length")
         (token,) = _U64.unpack(body)
-        return Ping(token) if ftype == T_PING else Pong(token)
+        return Ping(token, size) if ftype == T_PING else Pong(token, size)
     if ftype in (T_GOAWAY, T_REJECT):
         if n < 1:
             raise ProtocolError("empty GOAWAY/REJECT")
         reason = _text(body[1:])
-        return GoAway(body[0], reason) if ftype == T_GOAWAY else Reject(body[0], reason)
+        return GoAway(body[0], reason, size) if ftype == T_GOAWAY else Reject(body[0], reason, size)
     if ftype == T_CHALLENGE:
         if n != _CHALLENGE.size:
             raise ProtocolError("bad CHALLENGE length")
         magic, version, nonce = _CHALLENGE.unpack(body)
         if magic != MAGIC:
             raise ProtocolError("not a stripeproxy server (bad magic)")
-        return Challenge(version, nonce)
+        return Challenge(version, nonce, size)
     if ftype == T_AUTH:
         if n < _AUTH.size + 1:
             raise ProtocolError("short AUTH frame")
@@ -268,12 +316,12 @@ def _decode_body(ftype: int, body: bytes) -> Frame:
             key_id = body[_AUTH.size + 1 :].decode("ascii")
         except UnicodeDecodeError:
             raise ProtocolError("AUTH key id is not ASCII") from None
-        return Auth(version, nonce, session_id, flags, key_id, mac)
+        return Auth(version, nonce, session_id, flags, key_id, mac, size)
     if ftype == T_WELCOME:
         if n != _WELCOME.size:
             raise ProtocolError("bad WELCOME length")
         flags, mac = _WELCOME.unpack(body)
-        return Welcome(flags, mac)
+        return Welcome(flags, mac, size)
     raise ProtocolError(f"unknown frame type 0x{ftype:02x}")
 
 
@@ -317,9 +365,9 @@ class FrameDecoder:
                     # Hot path: one copy of the payload, nothing else allocated.
                     stream_id, offset = _DATA_HEAD.unpack_from(buf, body_start)
                     payload = bytes(view[body_start + _DATA_HEAD.size : body_end])
-                    frames.append(Data(stream_id, offset, payload))
+                    frames.append(Data(stream_id, offset, payload, total))
                 else:
-                    frames.append(_decode_body(ftype, bytes(view[body_start:body_end])))
+                    frames.append(_decode_body(ftype, bytes(view[body_start:body_end]), total))
                 pos += total
                 if len(frames) == max_frames:
                     break

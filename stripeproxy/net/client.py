@@ -8,8 +8,8 @@ from typing import Any
 from twisted.application.service import Service
 
 from stripeproxy.core import handshake, wire
-from stripeproxy.core.session import SessionConfig
-from stripeproxy.net.driver import SessionDriver
+from stripeproxy.core.session import OpenResult, SessionConfig
+from stripeproxy.net.driver import LocalPeer, SessionDriver
 
 
 @dataclass
@@ -33,12 +33,18 @@ class ClientSessionDriver(SessionDriver):
     is_client = True
     established = False  # the server has accepted at least one subflow
 
-    def stream_open_result(self, stream_id: int, code: int, host: str, port: int) -> None:
-        stream = self.streams.get(stream_id)
-        if code:
-            self.streams.pop(stream_id, None)
+    def open_stream(self, host: str, port: int) -> int:
+        """Start a new stream to host:port (OPEN goes out at once); returns its id."""
+        stream_id = self.session.open_stream(host, port, self.clock.seconds())
+        self._flush()
+        return stream_id
+
+    def _on_open_result(self, event: OpenResult) -> None:
+        stream: LocalPeer | None = self.streams.get(event.stream_id)
+        if event.code:
+            self.streams.pop(event.stream_id, None)
         if stream is not None:
-            stream.open_result(code, host, port)
+            stream.open_result(event.code, event.host, event.port)
 
 
 class Overlay:
@@ -58,27 +64,27 @@ class Overlay:
 
     def current(self) -> ClientSessionDriver:
         driver = self.driver
-        if driver is not None and driver.session.peer_going_away and not driver.session.closed:
+        if driver is not None and driver.peer_going_away and not driver.closed:
             self.draining.add(driver)
             driver = self.driver = None
-        if driver is None or driver.session.closed:
-            self.driver = ClientSessionDriver(
+        if driver is None or driver.closed:
+            driver = self.driver = ClientSessionDriver(
                 self.settings.reactor,
                 self.settings.config,
                 handshake.new_session_id(),
                 self._closed,
             )
-        return self.driver
+        return driver
 
     def _closed(self, driver: SessionDriver) -> None:
-        self.draining.discard(driver)  # type: ignore[arg-type]
+        self.draining.discard(driver)  # type: ignore[arg-type,unused-ignore]
         if self.driver is driver:
             self.driver = None
 
     def close(self, reason: str) -> None:
         for driver in [*self.draining, self.driver]:
             if driver is not None:
-                driver.session.close(reason)
+                driver.close(reason)
 
 
 class OverlayService(Service):
@@ -96,5 +102,5 @@ class OverlayService(Service):
         self.overlay = overlay
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is untyped
         self.overlay.close("the client is stopping")

@@ -10,7 +10,6 @@ from twisted.python.failure import Failure
 from stripeproxy.core import handshake, wire
 from stripeproxy.core.handshake import ClientState, Failed, Joined, Rejected
 from stripeproxy.core.redial import RedialPolicy
-from stripeproxy.net import _contract
 from stripeproxy.net.client import ClientSessionDriver, Overlay
 from stripeproxy.net.subflow import SubflowProtocol
 
@@ -66,7 +65,7 @@ class ClientSubflow(SubflowProtocol):
     def _joined(self) -> None:
         target = self._target
         assert target is not None
-        if _contract.closed(target):
+        if target.closed:
             self.fail("session ended during the handshake")
             return
         target.established = True
@@ -79,7 +78,7 @@ class ClientSubflow(SubflowProtocol):
         assert target is not None
         if outcome.code == wire.REJECT_UNKNOWN_SESSION:
             # The server restarted: its streams are gone, so are ours.
-            _contract.close(target, "the server no longer knows this session")
+            target.close("the server no longer knows this session")
         if outcome.code == wire.REJECT_BAD_AUTH:
             # A configuration error, the same on every subflow: one clear line
             # (not one per subflow and re-dial), then a long wait between dials.

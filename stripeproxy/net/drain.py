@@ -30,23 +30,22 @@ class DrainService(Service):
         self.timeout = timeout
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is untyped
         sessions = list(self.registry.sessions.values())
         for driver in sessions:
-            driver.session.go_away("the server is shutting down")
-            driver.rearm()
+            driver.go_away("the server is shutting down")
         deadline = self.clock.seconds() + self.timeout
         pending: list[IDelayedCall] = []
 
         def close_all() -> None:
-            busy = [d for d in self.registry.sessions.values() if d.session.stream_ids]
+            busy = [d for d in self.registry.sessions.values() if d.stream_count]
             if busy:
                 self.log.info(
                     "drain timeout: resetting {n} open streams",
-                    n=sum(len(d.session.stream_ids) for d in busy),
+                    n=sum(d.stream_count for d in busy),
                 )
             for driver in list(self.registry.sessions.values()):
-                driver.session.close("the server is shutting down")
+                driver.close("the server is shutting down")
 
         def cancel(_: defer.Deferred[None]) -> None:
             for call in pending:
@@ -58,7 +57,7 @@ class DrainService(Service):
 
         def check() -> None:
             pending.clear()
-            busy = any(d.session.stream_ids for d in self.registry.sessions.values())
+            busy = any(d.stream_count for d in self.registry.sessions.values())
             if busy and self.clock.seconds() < deadline:
                 pending.append(self.clock.callLater(0.1, check))
                 return

@@ -9,16 +9,31 @@ transport pauses the session's credit when its write buffer is full).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, cast
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-if TYPE_CHECKING:
-    from stripeproxy.net.driver import SessionDriver
+from stripeproxy.net.driver import SessionDriver
+
+
+class _Transport(Protocol):
+    """The parts of a TCP (or TLS) transport a local stream uses; Twisted's
+    ``ITransport`` declares only some of them."""
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def loseWriteConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def getPeer(self) -> Any: ...
+    def getHost(self) -> Any: ...
 
 
 @implementer(IPushProducer)
@@ -39,7 +54,7 @@ class _SinkProducer:
 
 
 @implementer(IHalfCloseableProtocol)
-class LocalStream(Protocol):
+class LocalStream(TwistedProtocol):
     """A TCP connection bound to one stream of a session once ``bind`` is called."""
 
     log = Logger()  # SocksProtocol logs negotiation failures and open timeouts
@@ -51,6 +66,11 @@ class LocalStream(Protocol):
 
     target = ""  # host:port the stream goes to, for the dashboard and logs
     opened_at = 0.0
+
+    @property
+    def tcp(self) -> _Transport:
+        """The connected transport (with the producer methods ITransport omits)."""
+        return cast(_Transport, self.transport)
 
     def connectionMade(self) -> None:
         # A SOCKS reply or a request's first bytes are small writes: with
@@ -65,21 +85,18 @@ class LocalStream(Protocol):
         self.target = target
         self.opened_at = driver.clock.seconds()
         driver.register_stream(stream_id, self)
-        assert self.transport is not None
-        self.transport.registerProducer(_SinkProducer(self), True)
+        self.tcp.registerProducer(_SinkProducer(self), True)
 
     # ---------------------------------------------- local transport -> session
 
     def forward(self, data: bytes) -> None:
         if self.driver is not None and not self._finished:
-            self.driver.session.local_data(self.stream_id, data)
-            self.driver.rearm()
+            self.driver.local_data(self.stream_id, data)
 
     def readConnectionLost(self) -> None:
         self._read_eof = True
         if self.driver is not None and not self._finished:
-            self.driver.session.local_eof(self.stream_id)
-            self.driver.rearm()
+            self.driver.local_eof(self.stream_id)
 
     def writeConnectionLost(self) -> None:
         """Our write side closed after the session's FIN; nothing to tell it."""
@@ -89,19 +106,17 @@ class LocalStream(Protocol):
         if driver is None or self._finished:
             return
         self._finished = True
-        driver.streams.pop(self.stream_id, None)
         if self._read_eof and self._write_closed:
             # Both directions ended cleanly; the session finishes on its own
             # once the last ACK arrives.  A reset now could cut data the peer
             # has not delivered yet.
+            driver.local_closed(self.stream_id)
             return
-        driver.session.local_reset(self.stream_id)
-        driver.rearm()
+        driver.local_reset(self.stream_id)
 
     def sink_paused(self, paused: bool) -> None:
         if self.driver is not None and not self._finished:
-            self.driver.session.local_sink_paused(self.stream_id, paused)
-            self.driver.rearm()
+            self.driver.local_sink_paused(self.stream_id, paused)
 
     # ---------------------------------------------- session -> local transport
 
@@ -109,20 +124,17 @@ class LocalStream(Protocol):
         """The server answered the stream's OPEN; only a SOCKS client waits for it."""
 
     def write_local(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        self.tcp.write(data)
 
     def half_close_local(self) -> None:
         self._write_closed = True
-        assert self.transport is not None
         self._stop_sink()
-        self.transport.loseWriteConnection()
+        self.tcp.loseWriteConnection()
 
     def close_local(self) -> None:
         self._finished = True
-        assert self.transport is not None
         self._stop_sink()
-        self.transport.loseConnection()
+        self.tcp.loseConnection()
 
     def _stop_sink(self) -> None:
         """Nothing more will be written: unregister the sink producer first.
@@ -133,18 +145,14 @@ class LocalStream(Protocol):
         ``abstract.FileDescriptor.doWrite``), so the peer would never see
         the FIN.  Unregistering restarts the pending shutdown.
         """
-        assert self.transport is not None
-        self.transport.unregisterProducer()
+        self.tcp.unregisterProducer()
 
     def abort_local(self) -> None:
         self._finished = True
-        assert self.transport is not None
-        self.transport.abortConnection()
+        self.tcp.abortConnection()
 
     def pause_reading(self) -> None:
-        assert self.transport is not None
-        self.transport.pauseProducing()
+        self.tcp.pauseProducing()
 
     def resume_reading(self) -> None:
-        assert self.transport is not None
-        self.transport.resumeProducing()
+        self.tcp.resumeProducing()

@@ -11,7 +11,6 @@ import txaio
 
 from stripeproxy.core import wire
 from stripeproxy.core.admission import Admission, AdmissionLimits
-from stripeproxy.net import _contract
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.server import ServerSessionDriver, ServerSettings
 
@@ -60,7 +59,7 @@ class SessionRegistry:
         key = key_id.encode() + b"\0" + session_id
         driver = self.sessions.get(key)
         if driver is not None:
-            count = _contract.subflow_count(driver)
+            count = driver.subflow_count
             if count >= self.settings.max_subflows:
                 self.admission.subflows_full(key_id, host, self.now(), count)
                 return None, wire.REJECT_TOO_MANY_SUBFLOWS
@@ -93,4 +92,4 @@ class SessionRegistry:
         share = self.settings.memory_limit // max(len(self.sessions), 1)
         budget = max(config.min_stream_window, min(config.session_window, share))
         for driver in self.sessions.values():
-            _contract.set_memory_budget(driver, budget)
+            driver.set_memory_budget(budget)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint
@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from stripeproxy.core import wire
 from stripeproxy.core.address import format_host_port
 from stripeproxy.core.policy import TargetPolicy
-from stripeproxy.core.session import SessionConfig
+from stripeproxy.core.session import OpenRequested, SessionConfig, StreamReset
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.target import (
     _TARGET_FACTORY,
@@ -72,7 +72,8 @@ class ServerSessionDriver(SessionDriver):
         self._pending: dict[int, defer.Deferred[Any]] = {}
         super().__init__(settings.reactor, settings.config, session_id, on_closed)
 
-    def stream_open_requested(self, stream_id: int, host: str, port: int) -> None:
+    def _on_open_requested(self, event: OpenRequested) -> None:
+        stream_id, host, port = event.stream_id, event.host, event.port
         self.log.debug(
             "session {s}: stream {id} -> {host}:{port}",
             s=self.label,
@@ -81,20 +82,27 @@ class ServerSessionDriver(SessionDriver):
             port=port,
         )
         name = format_host_port(host, port)
+        d: defer.Deferred[TargetProtocol]
         if self.settings.policy.unrestricted:
             d = self._dial(host, port)
         else:
             # Check the addresses the name resolves to, then dial the checked one.
-            d = resolve(self.settings.reactor, host, port)
-            d.addCallback(self._permitted, stream_id, name, port)
+            d = resolve(self.settings.reactor, host, port).addCallback(
+                self._permitted, stream_id, name, port
+            )
         self._pending[stream_id] = d
-        d.addCallbacks(self._connected, self._failed, (stream_id, name), None, (stream_id,))
+        d.addCallbacks(
+            self._connected,
+            self._failed,
+            callbackArgs=(stream_id, name),
+            errbackArgs=(stream_id,),
+        )
 
     def _dial(self, host: str, port: int) -> defer.Deferred[TargetProtocol]:
         endpoint = HostnameEndpoint(
             self.settings.reactor, host, port, timeout=self.settings.connect_timeout
         )
-        return endpoint.connect(_TARGET_FACTORY)
+        return cast("defer.Deferred[TargetProtocol]", endpoint.connect(_TARGET_FACTORY))
 
     def _permitted(
         self, addresses: list[str], stream_id: int, name: str, port: int
@@ -108,16 +116,14 @@ class ServerSessionDriver(SessionDriver):
 
     def _connected(self, target: TargetProtocol, stream_id: int, name: str) -> None:
         self._pending.pop(stream_id, None)
-        assert target.transport is not None
-        if not self.session.has_stream(stream_id):
-            target.transport.abortConnection()
+        if not self.has_stream(stream_id):
+            target.tcp.abortConnection()
             return
         target.bind(self, stream_id, name)
-        bound = target.transport.getHost()
-        self.session.open_succeeded(
-            stream_id, getattr(bound, "host", ""), getattr(bound, "port", 0)
-        )
-        self.rearm()
+        bound = target.tcp.getHost()
+        host, port = getattr(bound, "host", ""), getattr(bound, "port", 0)
+        self.session.open_succeeded(stream_id, host, port, self.clock.seconds())
+        self._flush()
 
     def _failed(self, failure: Failure, stream_id: int) -> None:
         if self._pending.pop(stream_id, None) is None:
@@ -129,11 +135,11 @@ class ServerSessionDriver(SessionDriver):
             id=stream_id,
             why=failure.getErrorMessage(),
         )
-        self.session.open_failed(stream_id, code)
-        self.rearm()
+        self.session.open_failed(stream_id, code, self.clock.seconds())
+        self._flush()
 
-    def stream_reset(self, stream_id: int, code: int) -> None:
-        pending = self._pending.pop(stream_id, None)
+    def _on_stream_reset(self, event: StreamReset) -> None:
+        pending = self._pending.pop(event.stream_id, None)
         if pending is not None:
             pending.cancel()
-        super().stream_reset(stream_id, code)
+        super()._on_stream_reset(event)

@@ -34,9 +34,8 @@ class SocksProtocol(LocalStream):
 
     def _negotiation_timeout(self) -> None:
         self._open_timer = None
-        assert self.transport is not None
-        self.log.info("SOCKS client {peer}: negotiation timed out", peer=self.transport.getPeer())
-        self.transport.abortConnection()
+        self.log.info("SOCKS client {peer}: negotiation timed out", peer=self.tcp.getPeer())
+        self.tcp.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._replied:
@@ -44,33 +43,29 @@ class SocksProtocol(LocalStream):
             return
         events = self.negotiation.receive(data)
         out = self.negotiation.data_to_send()
-        assert self.transport is not None
         if out:
-            self.transport.write(out)
+            self.tcp.write(out)
         for event in events:
             if isinstance(event, socks5.NegotiationFailed):
                 self.log.info(
                     "SOCKS client {peer}: {reason}",
-                    peer=self.transport.getPeer(),
+                    peer=self.tcp.getPeer(),
                     reason=event.reason,
                 )
                 if self.driver is not None and not self._finished:
                     self._finished = True
-                    self.driver.streams.pop(self.stream_id, None)
-                    self.driver.session.local_reset(self.stream_id)
-                self.transport.loseConnection()
+                    self.driver.local_reset(self.stream_id)
+                self.tcp.loseConnection()
                 return
             self._connect(event)
 
     def _connect(self, request: socks5.ConnectRequest) -> None:
-        assert self.transport is not None
         if self._open_timer is not None:
             self._open_timer.cancel()  # the negotiation is over; the open timeout starts
-        self.transport.pauseProducing()  # nothing to forward until the server answers
+        self.tcp.pauseProducing()  # nothing to forward until the server answers
         driver = self.overlay.current()
-        stream_id = driver.session.open_stream(request.host, request.port)
+        stream_id = driver.open_stream(request.host, request.port)
         self.bind(driver, stream_id, format_host_port(request.host, request.port))
-        driver.rearm()
         clock = self.overlay.settings.reactor
         self._open_timer = clock.callLater(self.overlay.settings.open_timeout, self._open_timeout)
 
@@ -79,9 +74,7 @@ class SocksProtocol(LocalStream):
         self.log.info("stream {id}: no answer from the server in time", id=self.stream_id)
         self._fail_open(socks5.REPLY_GENERAL_FAILURE)
         if self.driver is not None:
-            self.driver.streams.pop(self.stream_id, None)
-            self.driver.session.local_reset(self.stream_id)
-            self.driver.rearm()
+            self.driver.local_reset(self.stream_id)
 
     def open_result(self, code: int, host: str, port: int) -> None:
         if self._open_timer is not None:
@@ -90,21 +83,19 @@ class SocksProtocol(LocalStream):
         if code:
             self._fail_open(code)
             return
-        assert self.transport is not None
-        self.transport.write(self.negotiation.reply(socks5.REPLY_SUCCEEDED, host, port))
+        self.tcp.write(self.negotiation.reply(socks5.REPLY_SUCCEEDED, host, port))
         self._replied = True
         early = self.negotiation.take_unused_data()
         if early:
             self.forward(early)
-        self.transport.resumeProducing()
+        self.tcp.resumeProducing()
 
     def _fail_open(self, code: int) -> None:
         self._finished = True
-        assert self.transport is not None
         if not self._replied:
             self._replied = True
-            self.transport.write(self.negotiation.reply(code))
-        self.transport.loseConnection()
+            self.tcp.write(self.negotiation.reply(code))
+        self.tcp.loseConnection()
 
     def abort_local(self) -> None:
         if not self._replied:

@@ -13,15 +13,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
-from stripeproxy.net.driver import SessionDriver
+from stripeproxy.net.driver import StreamInfo, SubflowInfo
 from stripeproxy.ops.rates import PERIOD, WINDOW, RateBook
 
 _DIRECTIONS = ("tx_real", "tx_dummy", "rx_real", "rx_dummy")
+
+
+class Observed(Protocol):
+    """What the monitor reads of a session (:class:`~stripeproxy.net.driver.SessionDriver`)."""
+
+    label: str
+
+    def counters(self) -> dict[str, int]: ...
+    def buffered_bytes(self) -> int: ...
+    def subflow_info(self) -> list[SubflowInfo]: ...
+    def stream_info(self) -> list[StreamInfo]: ...
+
+
 # Session-wide cumulative counters (Session.counters()).
 _COUNTERS = (*_DIRECTIONS, "retransmitted", "reinjected", "timeouts", "subflows_lost")
 
@@ -80,7 +94,7 @@ class Monitor(Service):
         self,
         role: str,
         clock: IReactorTime,
-        sessions: Callable[[], Iterable[SessionDriver]],
+        sessions: Callable[[], Iterable[Observed]],
         redials: Callable[[], int] = lambda: 0,
         period: float = PERIOD,
         window: float = WINDOW,
@@ -99,11 +113,11 @@ class Monitor(Service):
         self.latest = Snapshot(role, clock.seconds(), window, 0)
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]  # Service is untyped
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is untyped
         self._loop.start(self.period, now=True)
 
     def stopService(self) -> None:
-        super().stopService()  # type: ignore[no-untyped-call]  # Service is untyped
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is untyped
         if self._loop.running:
             self._loop.stop()
 
@@ -116,40 +130,35 @@ class Monitor(Service):
         live: dict[str, dict[str, int]] = {}
         drivers = list(self._sessions())
         for driver in drivers:
-            session = driver.session
             label = driver.label
-            live[label] = session.counters()
-            buffered += session.buffered_bytes()
-            for sid in session.subflow_ids:
-                sf = session.subflow(sid)
-                sf_totals = {name: getattr(sf, name) for name in _DIRECTIONS}
+            live[label] = driver.counters()
+            buffered += driver.buffered_bytes()
+            for sf in driver.subflow_info():
                 rates = {
-                    name: book.sample(now, ("sf", label, sid, name), value).rate()
-                    for name, value in sf_totals.items()
+                    name: book.sample(now, ("sf", label, sf.sid, name), value).rate()
+                    for name, value in sf.totals.items()
                 }
-                protocol = driver.subflows.get(sid)
                 subflow_rows.append(
                     SubflowRow(
                         session=label,
-                        sid=sid,
-                        peer=protocol.peer if protocol is not None else "?",
+                        sid=sf.sid,
+                        peer=sf.peer,
                         writable=sf.writable,
                         rtt_ms=sf.srtt * 1000 if sf.srtt is not None else None,
                         inflight=sf.inflight,
-                        totals=sf_totals,
+                        totals=sf.totals,
                         rates=rates,
-                        retransmitted=sf.tx_retransmit,
+                        retransmitted=sf.retransmitted,
                     )
                 )
-            for stream_id in session.stream_ids:
-                sent, received = session.stream_progress(stream_id)
-                local = driver.streams.get(stream_id)
+            for st in driver.stream_info():
+                stream_id, sent, received = st.stream_id, st.sent, st.received
                 stream_rows.append(
                     StreamRow(
                         session=label,
                         stream_id=stream_id,
-                        target=local.target if local is not None else "",
-                        age=now - local.opened_at if local is not None else 0.0,
+                        target=st.target,
+                        age=now - st.opened_at if st.opened_at is not None else 0.0,
                         sent=sent,
                         received=received,
                         send_rate=book.sample(now, ("st", label, stream_id, "tx"), sent).rate(),

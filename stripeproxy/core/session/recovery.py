@@ -1,0 +1,296 @@
+"""Loss recovery: per-subflow RTT and RTO, timeouts, re-injection, goodput (SPEC.md section 6).
+
+:class:`Recovery` keeps the subflows' measured state and decides what must
+go again; it never queues anything itself: :meth:`Recovery.expire`,
+:meth:`Recovery.reinject` and :meth:`Recovery.remove` return the chunks to
+re-queue, and the session puts them back on their streams.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from stripeproxy.core.session.config import GOODPUT_SAMPLE, SessionConfig
+from stripeproxy.core.session.stream import Chunk, Stream
+
+#: The cumulative byte counters of a subflow (and of the session).
+DIRECTIONS = ("tx_real", "tx_dummy", "rx_real", "rx_dummy")
+
+
+class SubflowState:
+    """What the session knows about one subflow; the scheduler reads it too."""
+
+    __slots__ = (
+        "_rate_bytes",
+        "_rate_start",
+        "goodput",
+        "inflight",
+        "last_rx",
+        "last_tx",
+        "rttvar",
+        "rx_dummy",
+        "rx_real",
+        "sent",
+        "sid",
+        "srtt",
+        "suspect",
+        "tx_dummy",
+        "tx_real",
+        "tx_retransmit",
+        "writable",
+    )
+
+    def __init__(self, sid: int, now: float) -> None:
+        self.sid = sid
+        self.writable = True
+        self.inflight = 0
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.suspect = False  # a chunk timed out here; cleared by any sign of life
+        # (sent_at, chunk) in send order; entries go stale when the chunk is
+        # acknowledged or moves to another subflow, and are dropped lazily.
+        self.sent: deque[tuple[float, Chunk]] = deque()
+        self.last_rx = now
+        self.last_tx = now
+        self.tx_real = 0
+        self.tx_dummy = 0
+        self.rx_real = 0
+        self.rx_dummy = 0
+        self.tx_retransmit = 0
+        # Recent acknowledged bytes per second (EWMA over >= 100 ms samples).
+        self.goodput = 0.0
+        self._rate_start = now
+        self._rate_bytes = 0
+
+    def rtt_sample(self, rtt: float) -> None:
+        """RFC 6298 smoothing; samples come from ACKed chunks and PONGs."""
+        if rtt < 0:
+            return
+        if self.srtt is None:
+            self.srtt = rtt
+            self.rttvar = rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+
+    def goodput_sample(self, size: int, now: float) -> None:
+        self._rate_bytes += size
+        elapsed = now - self._rate_start
+        if elapsed >= GOODPUT_SAMPLE:
+            rate = self._rate_bytes / elapsed
+            self.goodput = rate if self.goodput == 0 else 0.75 * self.goodput + 0.25 * rate
+            self._rate_start = now
+            self._rate_bytes = 0
+
+    def oldest(self) -> Chunk | None:
+        """The oldest chunk still in flight here (stale entries dropped)."""
+        sent = self.sent
+        while sent:
+            sent_at, chunk = sent[0]
+            if chunk.sid == self.sid and chunk.sent_at == sent_at and not chunk.done:
+                return chunk
+            sent.popleft()
+        return None
+
+
+class Recovery:
+    """The session's subflows and its retransmission decisions."""
+
+    def __init__(self, config: SessionConfig) -> None:
+        self.config = config
+        self.subflows: dict[int, SubflowState] = {}
+        self.subflow_list: list[SubflowState] = []  # in join order (the scheduler's view)
+        # Streams whose head-of-line chunk may need re-injection, and when.
+        self.reinject_checks: dict[Stream, float] = {}
+        self.retransmitted = 0
+        self.reinjected = 0
+        self.timeouts = 0
+        self.subflows_lost = 0
+        self._retired = dict.fromkeys(DIRECTIONS, 0)  # counters of subflows gone
+
+    # ----------------------------------------------------------- membership
+
+    def add(self, sid: int, now: float) -> SubflowState:
+        sf = SubflowState(sid, now)
+        self.subflows[sid] = sf
+        self.subflow_list.append(sf)
+        return sf
+
+    def remove(self, sid: int, streams: list[Stream]) -> list[Chunk] | None:
+        """Forget subflow ``sid``; return every chunk it carried unacknowledged
+        (to be sent again), or None if there was no such subflow."""
+        sf = self.subflows.pop(sid, None)
+        if sf is None:
+            return None
+        self.subflow_list.remove(sf)
+        self.subflows_lost += 1
+        for name in DIRECTIONS:
+            self._retired[name] += getattr(sf, name)
+        sf.sent.clear()
+        requeue: list[Chunk] = []
+        for st in streams:
+            send = st.send
+            for chunk in send.unacked.values():
+                if chunk.sid == sid:
+                    chunk.sid = None
+                    chunk.avoid = None
+                    requeue.append(chunk)
+            if send.unacked and send.fin_offset is not None and send.next_offset == send.fin_offset:
+                # The peer may have received everything and finished the stream;
+                # then it cannot repeat a final ACK lost with this subflow.  Send
+                # the last chunk again: a finished peer acknowledges it up to the
+                # final offset (SPEC.md section 4), a live one just re-ACKs.
+                chunk = next(reversed(send.unacked.values()))
+                if chunk.sid is not None:
+                    self.release(chunk)
+                    requeue.append(chunk)
+        if len(self.subflow_list) < 2:
+            self.reinject_checks.clear()  # nowhere else to re-inject to
+        return requeue
+
+    def clear(self) -> None:
+        self.subflows.clear()
+        self.subflow_list.clear()
+        self.reinject_checks.clear()
+
+    # ------------------------------------------------------------- per chunk
+
+    def sent(self, sf: SubflowState, chunk: Chunk, now: float) -> None:
+        chunk.sid = sf.sid
+        chunk.sent_at = now
+        sf.inflight += len(chunk.data)
+        sf.sent.append((now, chunk))
+
+    def acked(self, chunk: Chunk, now: float) -> None:
+        """A chunk was acknowledged: RTT (Karn's rule) and goodput samples."""
+        chunk.done = True
+        sf = self.subflows.get(chunk.sid) if chunk.sid is not None else None
+        if sf is None:
+            return
+        sf.inflight -= len(chunk.data)
+        sf.suspect = False
+        if chunk.retries == 0 and not chunk.reinjected:
+            sf.rtt_sample(now - chunk.sent_at)
+        sf.goodput_sample(len(chunk.data), now)
+
+    def release(self, chunk: Chunk) -> None:
+        """Take an unacknowledged chunk off its subflow (to send it elsewhere, or drop it)."""
+        sf = self.subflows.get(chunk.sid) if chunk.sid is not None else None
+        if sf is not None:
+            sf.inflight -= len(chunk.data)
+        chunk.avoid = chunk.sid
+        chunk.sid = None
+
+    # -------------------------------------------------------------- timeouts
+
+    def rto(self, sf: SubflowState) -> float:
+        cfg = self.config
+        if sf.srtt is None:
+            return cfg.initial_rto
+        # 2 x srtt: a chunk behind a segment that TCP itself recovers arrives
+        # about one round trip late; that is no stall (SPEC.md section 6).
+        rto = 2 * sf.srtt + 4 * sf.rttvar + cfg.ack_delay
+        return min(cfg.max_rto, max(cfg.min_rto, rto))
+
+    def rto_expiry(self, sf: SubflowState) -> float | None:
+        chunk = sf.oldest()
+        if chunk is None:
+            return None
+        return chunk.sent_at + min(self.config.max_rto, self.rto(sf) * (1 << chunk.retries))
+
+    def expire(self, sf: SubflowState, now: float) -> tuple[list[Chunk], bool]:
+        """Chunks unacknowledged past the RTO: (those to send again elsewhere,
+        whether ``sf`` just became suspect and should be probed with a PING).
+
+        TCP does not lose data, so a timeout means the subflow is stalled (a
+        black hole, a dead path not yet detected) or far slower than its RTT
+        said; the subflow is marked suspect so the scheduler prefers others
+        until it shows a sign of life.
+        """
+        expired = False
+        # Another copy only helps on another subflow: on this one TCP already
+        # delivers it, or the subflow dies and remove() hands it back.
+        elsewhere = any(s is not sf and not s.suspect for s in self.subflow_list)
+        kept: list[tuple[float, Chunk]] = []
+        requeue: list[Chunk] = []
+        while True:
+            expiry = self.rto_expiry(sf)
+            if expiry is None or now < expiry:
+                break
+            chunk = sf.oldest()
+            assert chunk is not None
+            sf.sent.popleft()
+            chunk.retries += 1  # backs the next timeout off, and no RTT sample
+            self.timeouts += 1
+            expired = True
+            if not elsewhere:
+                chunk.sent_at = now  # watched afresh from now, with the longer timeout
+                kept.append((now, chunk))
+                continue
+            self.release(chunk)
+            requeue.append(chunk)
+        sf.sent.extend(kept)
+        probe = expired and not sf.suspect
+        if probe:
+            sf.suspect = True
+        return requeue, probe
+
+    # ------------------------------------------------------------ re-injection
+
+    def reinject(self, st: Stream, head: Chunk, now: float) -> bool:
+        """The receiver holds a quarter of the window beyond a hole: True if the
+        hole (``head``) should go again now, on a faster subflow (at most once
+        per chunk); the caller re-queues it first in line.
+
+        "Slow" means the chunk is older than twice the fastest other subflow's
+        RTT; if it is not yet, the check is planned for when it would be.
+        """
+        if head.reinjected or head.sid is None or len(self.subflow_list) < 2:
+            return False
+        others = [sf.srtt for sf in self.subflow_list if sf.sid != head.sid and sf.srtt is not None]
+        if not others:
+            return False
+        due = head.sent_at + 2 * min(others) + self.config.ack_delay
+        if now < due:
+            self.reinject_checks[st] = due
+            return False
+        self.reinject_checks.pop(st, None)
+        head.reinjected = True
+        self.reinjected += len(head.data)
+        self.release(head)
+        return True
+
+    def due_checks(self, now: float) -> list[Stream]:
+        """Streams whose planned re-injection check is due (and no longer planned)."""
+        due = [st for st, when in self.reinject_checks.items() if now >= when]
+        for st in due:
+            del self.reinject_checks[st]
+        return due
+
+    # ---------------------------------------------------------------- queries
+
+    def deadlines(self) -> list[float]:
+        """Heartbeat, silence, RTO and re-injection deadlines."""
+        cfg = self.config
+        out: list[float] = []
+        for sf in self.subflow_list:
+            out.append(min(sf.last_tx + cfg.heartbeat_interval, sf.last_rx + cfg.dead_interval))
+            expiry = self.rto_expiry(sf)
+            if expiry is not None:
+                out.append(expiry)
+        out.extend(self.reinject_checks.values())
+        return out
+
+    def counters(self) -> dict[str, int]:
+        """Cumulative counters, including those of subflows that are gone."""
+        totals = dict(self._retired)
+        for sf in self.subflow_list:
+            totals["tx_real"] += sf.tx_real
+            totals["tx_dummy"] += sf.tx_dummy
+            totals["rx_real"] += sf.rx_real
+            totals["rx_dummy"] += sf.rx_dummy
+        totals["retransmitted"] = self.retransmitted
+        totals["reinjected"] = self.reinjected
+        totals["timeouts"] = self.timeouts
+        totals["subflows_lost"] = self.subflows_lost
+        return totals

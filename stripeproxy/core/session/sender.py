@@ -1,0 +1,74 @@
+"""What goes out next: streams with data take turns, the scheduler picks the subflow.
+
+Stream 0 (control messages) always goes first.  A retransmission goes before
+new data of its stream, and, if it can, to another subflow than the one it
+got stuck on.  New data needs the peer's credit and room in our memory
+budget (:class:`~stripeproxy.core.session.credit.Credit`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from stripeproxy.core.control import CONTROL_STREAM
+from stripeproxy.core.scheduler import Scheduler
+from stripeproxy.core.session.config import SessionConfig
+from stripeproxy.core.session.credit import Credit
+from stripeproxy.core.session.recovery import SubflowState
+from stripeproxy.core.session.stream import Chunk, Stream
+
+
+class Sender:
+    """The streams that may have something to send, in turn order."""
+
+    def __init__(self, config: SessionConfig, scheduler: Scheduler, credit: Credit) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.credit = credit
+        self.ready: deque[Stream] = deque()
+
+    def mark_ready(self, st: Stream) -> None:
+        if not st.ready:
+            st.ready = True
+            if st.id == CONTROL_STREAM:
+                self.ready.appendleft(st)
+            else:
+                self.ready.append(st)
+
+    def next(self, subflows: list[SubflowState]) -> tuple[SubflowState, Chunk, bool] | None:
+        """The next chunk, the subflow to carry it and whether it is a second
+        copy; None if no subflow can take one or no stream has one."""
+        ready = self.ready
+        pick = self.scheduler.pick
+        while ready:
+            sf = pick(subflows)
+            if sf is None:
+                return None
+            st = ready[0]
+            chunk, is_retx = self._next_chunk(st)
+            if chunk is None:
+                ready.popleft()
+                st.ready = False
+                continue
+            if st.id != CONTROL_STREAM:
+                ready.rotate(-1)
+            if is_retx and chunk.avoid == sf.sid and len(subflows) > 1:
+                # Send it again somewhere else than where it got stuck, if we can.
+                other = pick([s for s in subflows if s.sid != chunk.avoid])
+                sf = other or sf
+            return sf, chunk, is_retx
+        return None
+
+    def _next_chunk(self, st: Stream) -> tuple[Chunk | None, bool]:
+        send = st.send
+        if send.retx:
+            chunk = send.next_retransmission()
+            if chunk is not None:
+                return chunk, True
+        if not send.queue or send.next_offset >= send.limit or st.opening:
+            return None, False
+        if st.id != CONTROL_STREAM and not self.credit.may_send():
+            return None, False  # the peer's credit does not decide what we hold: our budget does
+        chunk = send.take(st, min(self.config.chunk_size, send.limit - send.next_offset))
+        self.credit.unacked_bytes += len(chunk.data)
+        return chunk, False
