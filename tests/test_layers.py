@@ -29,6 +29,7 @@ PACKAGE = ROOT / "stripeproxy"
 # zope.interface (declarations only: an interface the adapters provide, no I/O).
 CORE_THIRD_PARTY = frozenset({"crc32c", "txaio", "zope.interface"})
 
+
 # Core modules that import twisted.internet on main today (IReactorTime, for their
 # clock); the issue 9 work removes those imports. strict=True turns the fix into an
 # XPASS failure, the signal to delete the entry.

@@ -34,7 +34,7 @@ from stripeproxy.core.policy import (
     embedded_ipv4,
     parse_rule,
 )
-from stripeproxy.net.interfaces import normalise
+from stripeproxy.net.interfaces import interface_addresses, normalise
 from stripeproxy.net.target import resolve
 
 
@@ -84,7 +84,6 @@ def test_no_rules_still_deny_the_servers_own_host() -> None:
     """Without rules, public targets are dialled and loopback is not (this
     test used to assert the opposite: that was the hole of issue 10)."""
     policy = TargetPolicy()
-    assert not policy.unrestricted  # every target is resolved and checked
     assert policy.permits("93.184.216.34", 1) and policy.permits("2001:db8::1", 65535)
     assert not policy.permits("127.0.0.1", 1) and not policy.permits("::1", 65535)
     # Named explicitly, loopback is reachable on every port again.
@@ -386,3 +385,33 @@ async def test_each_of_them_would_reach_this_host(cleanup: Cleanup, keys: Keys) 
         reply = await in_thread(socks_handshake_reply, client.socks_port, host, target.port)
         assert reply == socks5.REPLY_SUCCEEDED, host
         await wait_for(lambda n=n: target.factory.connections == n, f"{host} to connect")
+
+
+def _own_public_address() -> str | None:
+    """An address of this host outside loopback and the built-in ranges, or None."""
+    for address in sorted(normalise(interface_addresses()), key=str):
+        if TargetPolicy(deny=[]).permits(str(address), 1):
+            return str(address)
+    return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_servers_own_interface_address_is_denied(cleanup: Cleanup, keys: Keys) -> None:
+    """An address on one of this host's interfaces is this host, whatever its
+    range: denied by default and by a catch-all, reachable when named."""
+    own = _own_public_address()
+    if own is None:
+        pytest.skip("this host has no interface address outside the special ranges")
+    target = await start_any_address_target(cleanup)
+    for extra in ([], ["--allow", "*"]):
+        server = await start_server(cleanup, keys, False, extra)
+        client = await start_client(cleanup, keys, server.port, False, k=1)
+        reply = await in_thread(socks_handshake_reply, client.socks_port, own, target.port)
+        assert reply == socks5.REPLY_NOT_ALLOWED, extra
+    assert target.factory.connections == 0
+    rule = f"[{own}/128]" if ":" in own else f"{own}/32"
+    server = await start_server(cleanup, keys, False, ["--allow", rule])
+    client = await start_client(cleanup, keys, server.port, False, k=1)
+    reply = await in_thread(socks_handshake_reply, client.socks_port, own, target.port)
+    assert reply == socks5.REPLY_SUCCEEDED
+    await wait_for(lambda: target.factory.connections == 1, "the named address to connect")

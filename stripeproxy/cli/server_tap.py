@@ -28,6 +28,7 @@ from stripeproxy.core.policy import Rule, TargetPolicy, parse_rule
 from stripeproxy.core.session import SessionConfig
 from stripeproxy.net.drain import DrainService
 from stripeproxy.net.endpoints import server_endpoint
+from stripeproxy.net.interfaces import LocalAddresses
 from stripeproxy.net.server import ServerSettings
 from stripeproxy.net.server_subflow import SubflowFactory
 from stripeproxy.net.tls import load_server_tls
@@ -157,11 +158,14 @@ class Options(SessionOptions):
         self["deny"] = []
 
     def opt_allow(self, rule: str) -> None:
-        """Allow targets in CIDR[:PORTS] (repeatable; then only allowed targets are dialled)."""
+        """Allow targets in CIDR[:PORTS] (repeatable; with any, only matching targets
+        are dialled). Loopback, link-local, multicast and this host's own addresses
+        are denied unless an --allow names them (127.0.0.0/8); '*' and 0.0.0.0/0 do not."""
         self["allow"].append(self._rule(rule))
 
     def opt_deny(self, rule: str) -> None:
-        """Deny targets in CIDR[:PORTS] (repeatable; deny wins over allow)."""
+        """Deny targets in CIDR[:PORTS] (repeatable; wins over everything; private
+        ranges are allowed unless denied)."""
         self["deny"].append(self._rule(rule))
 
     @staticmethod
@@ -220,6 +224,7 @@ def server_settings(options: Options, reactor: Any) -> ServerSettings:
         ),
         memory_limit=options["memory-limit"] * MiB,
         policy=TargetPolicy(allow=options["allow"], deny=options["deny"]),
+        local_addresses=LocalAddresses(reactor).current,
         auth_failure_limit=options["auth-failures"],
         auth_failure_window=options["auth-window"],
         auth_delay_max=options["auth-delay-max"],
@@ -231,7 +236,9 @@ def server_settings(options: Options, reactor: Any) -> ServerSettings:
 
 def makeService(options: Options) -> IService:
     check_host_tuning(Logger())
-    subflows = SubflowFactory(server_settings(options, reactor))
+    settings = server_settings(options, reactor)
+    Logger().info("{policy}", policy=settings.policy.describe(settings.local_addresses()))
+    subflows = SubflowFactory(settings)
     factory: SubflowFactory | TLSMemoryBIOFactory = subflows
     if options["tls"] is not None:
         factory = TLSMemoryBIOFactory(options["tls"], False, subflows)

@@ -307,13 +307,6 @@ class TargetPolicy:
             f"{private_state}; {len(self.allow)} allow and {len(self.deny)} deny rules"
         )
 
-    @property
-    def unrestricted(self) -> bool:
-        """Always False: the built-in deny applies to every policy, so every
-        target must be resolved and checked.  Kept for callers that used to
-        skip the check for a policy without rules; they now never do."""
-        return False
-
     @staticmethod
     def _builtin(ip: IPAddress, local: AbstractSet[IPAddress]) -> list[tuple[IPNetwork, str]]:
         """The built-in ranges that contain ``ip``, most specific first."""

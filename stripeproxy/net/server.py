@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -12,7 +12,8 @@ from twisted.python.failure import Failure
 
 from stripeproxy.core import wire
 from stripeproxy.core.address import format_host_port
-from stripeproxy.core.policy import TargetPolicy
+from stripeproxy.core.escape import printable
+from stripeproxy.core.policy import IPAddress, TargetPolicy
 from stripeproxy.core.session import OpenRequested, SessionConfig, StreamReset
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.target import (
@@ -45,6 +46,9 @@ class ServerSettings:
     # Bytes all sessions together may hold in buffers (see SessionRegistry).
     memory_limit: int = 1024 * 1024 * 1024
     policy: TargetPolicy = field(default_factory=TargetPolicy)
+    # This host's own addresses, which the policy denies like loopback (the
+    # tap passes net.interfaces.LocalAddresses(reactor).current).
+    local_addresses: Callable[[], Set[IPAddress]] = frozenset
     # Failed logins (SPEC.md section 2): they delay the failing address's next
     # CHALLENGE (doubling per failure up to auth_delay_max, which is kept below
     # half the handshake timeout) and are forgotten after auth_failure_window
@@ -74,22 +78,19 @@ class ServerSessionDriver(SessionDriver):
 
     def _on_open_requested(self, event: OpenRequested) -> None:
         stream_id, host, port = event.stream_id, event.host, event.port
+        name = format_host_port(host, port)
         self.log.debug(
-            "session {s}: stream {id} -> {host}:{port}",
+            "session {s}: stream {id} -> {target}",
             s=self.label,
             id=stream_id,
-            host=host,
-            port=port,
+            target=printable(name),
         )
-        name = format_host_port(host, port)
-        d: defer.Deferred[TargetProtocol]
-        if self.settings.policy.unrestricted:
-            d = self._dial(host, port)
-        else:
-            # Check the addresses the name resolves to, then dial the checked one.
-            d = resolve(self.settings.reactor, host, port).addCallback(
-                self._permitted, stream_id, name, port
-            )
+        # Every target is resolved and every address checked (SPEC.md section
+        # 8); only a checked literal is dialled, so a name cannot resolve to
+        # something else between the check and the connect.
+        d = resolve(self.settings.reactor, host, port).addCallback(
+            self._permitted, stream_id, name, port
+        )
         self._pending[stream_id] = d
         d.addCallbacks(
             self._connected,
@@ -98,9 +99,9 @@ class ServerSessionDriver(SessionDriver):
             errbackArgs=(stream_id,),
         )
 
-    def _dial(self, host: str, port: int) -> defer.Deferred[TargetProtocol]:
+    def _dial(self, address: str, port: int) -> defer.Deferred[TargetProtocol]:
         endpoint = HostnameEndpoint(
-            self.settings.reactor, host, port, timeout=self.settings.connect_timeout
+            self.settings.reactor, address, port, timeout=self.settings.connect_timeout
         )
         return cast("defer.Deferred[TargetProtocol]", endpoint.connect(_TARGET_FACTORY))
 
@@ -108,11 +109,29 @@ class ServerSessionDriver(SessionDriver):
         self, addresses: list[str], stream_id: int, name: str, port: int
     ) -> defer.Deferred[TargetProtocol]:
         if not addresses:
-            raise error.DNSLookupError(name)
-        allowed = [a for a in addresses if self.settings.policy.permits(a, port)]
+            raise error.DNSLookupError(printable(name))
+        policy, local = self.settings.policy, self.settings.local_addresses()
+        allowed = policy.filter(addresses, port, local)
         if not allowed:
-            raise TargetDenied(f"{name} ({', '.join(addresses)}) is not allowed by the policy")
-        return self._dial(allowed[0], port)
+            try:
+                why = policy.check(addresses[0], port, local).reason
+            except ValueError:
+                why = "the resolver answered with something that is not an address"
+            raise TargetDenied(f"{printable(name)}: {why}")
+        return self._dial_in_turn(allowed, port)
+
+    def _dial_in_turn(self, addresses: list[str], port: int) -> defer.Deferred[TargetProtocol]:
+        """Dial the checked addresses one after the other until one connects."""
+        d = self._dial(addresses[0], port)
+        if len(addresses) > 1:
+
+            def next_one(failure: Failure) -> defer.Deferred[TargetProtocol] | Failure:
+                if failure.check(defer.CancelledError):  # type: ignore[no-untyped-call]
+                    return failure
+                return self._dial_in_turn(addresses[1:], port)
+
+            d.addErrback(next_one)
+        return d
 
     def _connected(self, target: TargetProtocol, stream_id: int, name: str) -> None:
         self._pending.pop(stream_id, None)
@@ -133,7 +152,7 @@ class ServerSessionDriver(SessionDriver):
             "session {s}: stream {id} failed: {why}",
             s=self.label,
             id=stream_id,
-            why=failure.getErrorMessage(),
+            why=printable(failure.getErrorMessage()),
         )
         self.session.open_failed(stream_id, code, self.clock.seconds())
         self._flush()
