@@ -126,6 +126,7 @@ def test_unit_runs_twistd_in_the_foreground_hardened(unit: str) -> None:
         "Type": "simple",
         "Restart": "on-failure",
         "RestartSec": "2",
+        "RestartPreventExitStatus": "2",  # a usage error: restarting cannot fix it
         "LimitNOFILE": "65536",
         "DynamicUser": "yes",
         "NoNewPrivileges": "yes",
@@ -200,6 +201,44 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         timeout=60,
     )
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+# Which unit reads which variable of the example environment files.
+UNIT_OF_VARIABLE = {
+    "STRIPE_SERVER_ARGS": "stripe-server.service",
+    "STRIPE_SERVER_INSTANCE_ARGS": "stripe-server@.service",
+    "STRIPE_CLIENT_ARGS": "stripe-client.service",
+}
+
+
+def test_every_example_alternative_parses(keys: Keys, tmp_path: Path) -> None:
+    """The commented-out alternatives in the env examples are advice an
+    operator copies: each one, in its unit's command line, is accepted too."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for name, source in [("server.crt", keys.cert), ("server.key", keys.key)]:
+        shutil.copy(source, credentials / name)
+    shutil.copy(keys.psk, credentials / "psk.key")
+    shutil.copy(keys.cert, credentials / "ca.pem")  # self-signed: its own CA
+    seen = []
+    for example in ("stripe-server.env.example", "stripe-client.env.example"):
+        for line in (SYSTEMD / example).read_text().splitlines():
+            found = re.fullmatch(r'#?(STRIPE_[A-Z_]+)="(.*)"', line.strip())
+            if found is None:
+                continue
+            variable, value = found.groups()
+            assert shlex.split(value) == value.split(), f"{example}: {line}"
+            unit = UNIT_OF_VARIABLE[variable]
+            (command,) = unit_settings(SYSTEMD / unit)["ExecStart"]
+            value = value.replace("/etc/stripeproxy/", f"{credentials}/")
+            words = expand_exec(command, {variable: value}, credentials)
+            tap = UNITS[unit][0]
+            options = server_tap.Options() if tap == "stripe-server" else client_tap.Options()
+            options.parseOptions(words[words.index(tap) + 1 :])
+            seen.append(variable)
+    # Each file has its active line and at least one alternative.
+    assert sorted(set(seen)) == sorted(UNIT_OF_VARIABLE)
+    assert len(seen) > len(UNIT_OF_VARIABLE)
 
 
 def test_env_examples_are_shell_free() -> None:
