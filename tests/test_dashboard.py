@@ -6,9 +6,11 @@ import io
 
 import pyte
 from rich.console import Console
+from twisted.internet.task import Clock
 
+from stripeproxy.net.driver import StreamInfo, SubflowInfo
 from stripeproxy.ops.dashboard import LogTail, human_bytes, human_rate, render
-from stripeproxy.ops.observe import Snapshot, StreamRow, SubflowRow
+from stripeproxy.ops.observe import Monitor, Snapshot, StreamRow, SubflowRow
 
 MiB = 1024 * 1024
 
@@ -104,3 +106,59 @@ def test_log_tail_keeps_the_last_lines() -> None:
     for i in range(3):
         tail({"log_format": "line {i}", "i": i})
     assert list(tail.lines) == ["line 1", "line 2"]
+
+
+class _HostileSession:
+    """A session whose stream target and subflow peer came from a hostile client."""
+
+    label = "a1b2c3d4"
+    target = "[bold]loud[/bold]\n\x1b[31mred:443"
+    peer = "[blink]203.0.113.9\x00:1"
+
+    def counters(self) -> dict[str, int]:
+        return dict.fromkeys(
+            (
+                "tx_real",
+                "tx_dummy",
+                "rx_real",
+                "rx_dummy",
+                "retransmitted",
+                "reinjected",
+                "timeouts",
+                "subflows_lost",
+            ),
+            0,
+        )
+
+    def buffered_bytes(self) -> int:
+        return 0
+
+    def subflow_info(self) -> list[SubflowInfo]:
+        totals = {"tx_real": 0, "tx_dummy": 0, "rx_real": 0, "rx_dummy": 0}
+        return [SubflowInfo(1, self.peer, True, None, 0, totals, 0)]
+
+    def stream_info(self) -> list[StreamInfo]:
+        return [StreamInfo(9, self.target, 0.0, 0, 0)]
+
+
+def test_dashboard_shows_network_values_escaped_and_never_as_markup() -> None:
+    """A target or peer chosen by a client, and a log line quoting one, are shown as
+    their escaped text: one line each, no terminal control, no rich markup applied."""
+    snapshot = Monitor("server", Clock(), lambda: [_HostileSession()]).sample()
+    assert snapshot.streams[0].target == "[bold]loud[/bold]\\x0a\\x1b[31mred:443"
+    assert snapshot.subflows[0].peer == "[blink]203.0.113.9\\x00:1"
+    out = io.StringIO()
+    console = Console(file=out, width=160, force_terminal=True, color_system="standard")
+    console.print(render(snapshot, ["stream 9 -> [bold]quoted[/bold] \\x0a"]))
+    screen = pyte.Screen(160, 40)
+    pyte.Stream(screen).feed(out.getvalue().replace("\n", "\r\n"))
+    lines = [line.rstrip() for line in screen.display]
+    (row,) = [y for y, line in enumerate(lines) if "loud" in line]
+    cells = [c.strip() for c in lines[row].split("│")]
+    assert cells[3] == "[bold]loud[/bold]\\x0a\\x1b[31mred:443"
+    assert not any(screen.buffer[row][x].bold for x in range(160))
+    assert screen.buffer[row][lines[row].index("red")].fg == "default"
+    assert any("[blink]203.0.113.9\\x00:1" in line for line in lines)
+    (logged,) = [y for y, line in enumerate(lines) if "quoted" in line]
+    assert "stream 9 -> [bold]quoted[/bold] \\x0a" in lines[logged]
+    assert not any(screen.buffer[logged][x].bold for x in range(160))

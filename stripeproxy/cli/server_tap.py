@@ -26,6 +26,7 @@ from stripeproxy.cli.options import (
 )
 from stripeproxy.core.policy import Rule, TargetPolicy, parse_rule
 from stripeproxy.core.session import SessionConfig
+from stripeproxy.net.access import AccessLog
 from stripeproxy.net.drain import DrainService
 from stripeproxy.net.endpoints import server_endpoint
 from stripeproxy.net.interfaces import LocalAddresses
@@ -106,6 +107,13 @@ class Options(SessionOptions):
             float,
         ],
         ["drain-timeout", None, 10.0, "On SIGTERM, seconds open streams get to finish.", float],
+        [
+            "access-log",
+            None,
+            None,
+            "Append one line per stream, when it ends, to this file (format: README "
+            "'Access log'). Off by default: single streams are not in the main log.",
+        ],
         [
             "auth-failures",
             None,
@@ -193,6 +201,13 @@ class Options(SessionOptions):
         for name in ("auth-window", "auth-delay-max", "session-rate-window"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        self["access"] = None
+        if self["access-log"]:  # opened now, so that an unwritable path is a usage error
+            try:
+                self["access"] = AccessLog(self["access-log"])
+            except OSError as e:
+                problem = file_problem(e, {"--access-log": self["access-log"]})
+                raise usage.UsageError(problem) from None
         self["tls"] = None
         if not self["no-tls"]:
             # Loaded now, so that a missing or malformed file is a usage error.
@@ -231,6 +246,7 @@ def server_settings(options: Options, reactor: Any) -> ServerSettings:
         sessions_per_key=options["sessions-per-key"],
         session_creations_per_key=options["session-rate"],
         session_creation_interval=options["session-rate-window"],
+        access_log=options["access"],
     )
 
 

@@ -16,7 +16,9 @@ handshake timeout, and nothing here refuses a connection because of failures
 Per-key quotas (live sessions, session creations per interval) keep one key
 holder from filling ``--max-sessions`` for everyone.  Every limit hit is
 logged at most once per ``log_interval`` for the same limit and subject, with
-the key id (escaped with ``!r``: it comes from the network) and the address.
+the key id (escaped with ``!r``: it comes from the network) and the address
+(escaped with :func:`~stripeproxy.core.escape.printable`: behind a balancer it
+comes from the client's PROXY header).
 
 Logging goes through txaio's framework-neutral logger, so this module needs
 no Twisted import; the net layer selects Twisted (``txaio.use_twisted()``)
@@ -32,6 +34,7 @@ from typing import Any, Final, Protocol
 import txaio
 
 from stripeproxy.core import wire
+from stripeproxy.core.escape import printable
 
 __all__ = ["Admission", "AdmissionLimits", "Log"]
 
@@ -132,7 +135,7 @@ class Admission:
                 now,
                 "{host} has {share} subflows authenticating at once: refusing its new "
                 "connections until some finish{more}",
-                host=host,
+                host=printable(host),
                 share=share,
             )
             return None
@@ -186,7 +189,12 @@ class Admission:
         entry.delay = delay
         self._failures[host] = entry
         self._prune_failures(now)
-        fields = {"peer": peer or host, "key": key_id, "host": host, "count": entry.count}
+        fields = {
+            "peer": printable(peer or host),
+            "key": key_id,
+            "host": printable(host),
+            "count": entry.count,
+        }
         if entry.count <= limits.failures_logged:
             last = entry.count == limits.failures_logged
             if last:  # the next line about this address comes a log interval later
@@ -227,7 +235,7 @@ class Admission:
     def open_session(self, key_id: str, host: str, now: float) -> int:
         """A proven subflow asks for a new session: 0 (counted as created) or a REJECT code."""
         limits = self.limits
-        fields = {"key": key_id, "host": host}
+        fields = {"key": key_id, "host": printable(host)}
         if self.sessions >= limits.max_sessions:
             self._limit_hit(
                 "sessions",
@@ -290,7 +298,7 @@ class Admission:
             "key {key!r} from {host}: its session has {count} subflows, the most one "
             "session may (--subflows): refusing more{more}",
             key=key_id,
-            host=host,
+            host=printable(host),
             count=count,
         )
 

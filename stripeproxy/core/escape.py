@@ -2,8 +2,9 @@
 
 A SOCKS client picks the target name, a peer picks its GOAWAY and REJECT
 reasons and its key id: written raw, a newline forges a log line, an escape
-sequence rewrites the operator's terminal and ``[bold]`` is markup to the
-dashboard.  Every such value passes through :func:`printable` first.
+sequence rewrites the operator's terminal.  Every such value passes through
+:func:`printable` first.  (The dashboard draws these values as rich ``Text``,
+never as markup, so brackets stay as they are: ``[::1]:443`` reads as itself.)
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ __all__ = ["printable"]
 #: Longer values are cut (a 255-byte SOCKS name is the longest legitimate one).
 DEFAULT_LIMIT = 256
 
-# Printable characters that still change how a log line or terminal reads:
-# the escape character itself (so an escaped value cannot be confused with
-# an original backslash sequence) and the characters rich treats as markup.
-_EXTRA = {"\\": "\\\\", "[": "\\[", "]": "\\]"}
+# The one printable character escaped too: the escape character itself, so
+# an escaped value cannot be confused with an original backslash sequence.
+_EXTRA = {"\\": "\\\\"}
 
 
 def _escape_char(ch: str) -> str:
@@ -36,7 +36,7 @@ def _escape_char(ch: str) -> str:
 
 def printable(value: str | bytes, limit: int = DEFAULT_LIMIT) -> str:
     """``value`` with every non-printable character (controls, line and
-    paragraph separators, format characters) and ``\\ [ ]`` escaped, cut to
+    paragraph separators, format characters) and ``\\`` escaped, cut to
     ``limit`` characters with ``…`` marking the cut.
 
     Bytes are decoded as UTF-8; a byte that is not UTF-8 shows as ``\\xNN``.

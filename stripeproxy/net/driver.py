@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from stripeproxy.core import wire
+from stripeproxy.core.escape import printable
 from stripeproxy.core.session import (
     RESET_GENERAL,
     RESET_IDLE,
@@ -379,7 +380,7 @@ class SessionDriver:
                 "session {session}: dropping subflow {sid}: {reason}",
                 session=self.label,
                 sid=event.sid,
-                reason=event.reason,
+                reason=printable(event.reason),  # a protocol error may quote the peer
             )
             subflow.abort()
 
@@ -387,11 +388,13 @@ class SessionDriver:
         self.log.info(
             "session {session}: peer is going away: {reason}",
             session=self.label,
-            reason=event.reason,
+            reason=printable(event.reason),  # the peer's GOAWAY text
         )
 
     def _on_session_closed(self, event: SessionClosed) -> None:
-        self.log.info("session {session} closed: {reason}", session=self.label, reason=event.reason)
+        self.log.info(
+            "session {session} closed: {reason}", session=self.label, reason=printable(event.reason)
+        )
         for subflow in list(self.subflows.values()):
             subflow.abort()
         self.subflows.clear()

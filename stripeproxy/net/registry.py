@@ -69,7 +69,7 @@ class SessionRegistry:
         code = self.admission.open_session(key_id, host, self.now())
         if code:
             return None, code
-        driver = ServerSessionDriver(self.settings, key, self.forget)
+        driver = ServerSessionDriver(self.settings, key, self.forget, key_id, host)
         self.sessions[key] = driver
         self._key_of[key] = key_id
         self._share_memory()

@@ -8,13 +8,22 @@ from typing import Any, cast
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import ILogObserver
 from twisted.python.failure import Failure
 
 from stripeproxy.core import wire
 from stripeproxy.core.address import format_host_port
 from stripeproxy.core.escape import printable
 from stripeproxy.core.policy import IPAddress, TargetPolicy
-from stripeproxy.core.session import OpenRequested, SessionConfig, StreamReset
+from stripeproxy.core.session import (
+    RESET_GENERAL,
+    RESET_IDLE,
+    OpenRequested,
+    SessionConfig,
+    StreamClosed,
+    StreamReset,
+)
+from stripeproxy.net.access import TARGET_LIMIT, StreamRecords, stream_log
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.target import (
     _TARGET_FACTORY,
@@ -61,6 +70,8 @@ class ServerSettings:
     sessions_per_key: int = 32
     session_creations_per_key: int = 30
     session_creation_interval: float = 60.0
+    # Where each stream's access-log event goes when it ends (--access-log); None: nowhere.
+    access_log: ILogObserver | None = None
 
 
 class ServerSessionDriver(SessionDriver):
@@ -71,19 +82,24 @@ class ServerSessionDriver(SessionDriver):
         settings: ServerSettings,
         session_id: bytes,
         on_closed: Callable[[SessionDriver], None],
+        key_id: str = "",
+        client: str = "",
     ) -> None:
         self.settings = settings
         self._pending: dict[int, defer.Deferred[Any]] = {}
         super().__init__(settings.reactor, settings.config, session_id, on_closed)
+        # ``client``: the address of the subflow that created the session.
+        self.records = StreamRecords(settings.access_log, self.label, key_id, client)
 
     def _on_open_requested(self, event: OpenRequested) -> None:
         stream_id, host, port = event.stream_id, event.host, event.port
         name = format_host_port(host, port)
-        self.log.debug(
+        self.records.opened(stream_id, name, self.clock.seconds())
+        stream_log.debug(
             "session {s}: stream {id} -> {target}",
             s=self.label,
             id=stream_id,
-            target=printable(name),
+            target=printable(name, TARGET_LIMIT),
         )
         # Every target is resolved and every address checked (SPEC.md section
         # 8); only a checked literal is dialled, so a name cannot resolve to
@@ -109,7 +125,7 @@ class ServerSessionDriver(SessionDriver):
         self, addresses: list[str], stream_id: int, name: str, port: int
     ) -> defer.Deferred[TargetProtocol]:
         if not addresses:
-            raise error.DNSLookupError(printable(name))
+            raise error.DNSLookupError(name)  # escaped where it is logged
         policy, local = self.settings.policy, self.settings.local_addresses()
         allowed = policy.filter(addresses, port, local)
         if not allowed:
@@ -117,7 +133,7 @@ class ServerSessionDriver(SessionDriver):
                 why = policy.check(addresses[0], port, local).reason
             except ValueError:
                 why = "the resolver answered with something that is not an address"
-            raise TargetDenied(f"{printable(name)}: {why}")
+            raise TargetDenied(f"{name}: {why}")
         return self._dial_in_turn(allowed, port)
 
     def _dial_in_turn(self, addresses: list[str], port: int) -> defer.Deferred[TargetProtocol]:
@@ -139,6 +155,7 @@ class ServerSessionDriver(SessionDriver):
             target.tcp.abortConnection()
             return
         target.bind(self, stream_id, name)
+        self.records.connected(stream_id, target)
         bound = target.tcp.getHost()
         host, port = getattr(bound, "host", ""), getattr(bound, "port", 0)
         self.session.open_succeeded(stream_id, host, port, self.clock.seconds())
@@ -148,16 +165,27 @@ class ServerSessionDriver(SessionDriver):
         if self._pending.pop(stream_id, None) is None:
             return  # cancelled because the stream was reset meanwhile
         code = reply_code_for(failure)
-        self.log.info(
+        self.records.ended(stream_id, "failed", self.clock.seconds(), code)
+        stream_log.debug(
             "session {s}: stream {id} failed: {why}",
             s=self.label,
             id=stream_id,
-            why=printable(failure.getErrorMessage()),
+            why=printable(failure.getErrorMessage(), 2 * TARGET_LIMIT),  # it quotes the name
         )
         self.session.open_failed(stream_id, code, self.clock.seconds())
         self._flush()
 
+    def local_reset(self, stream_id: int, code: int = RESET_GENERAL) -> None:
+        self.records.ended(stream_id, "reset", self.clock.seconds())
+        super().local_reset(stream_id, code)
+
+    def _on_stream_closed(self, event: StreamClosed) -> None:
+        self.records.ended(event.stream_id, "closed", self.clock.seconds())
+        super()._on_stream_closed(event)
+
     def _on_stream_reset(self, event: StreamReset) -> None:
+        result = "idle" if event.code == RESET_IDLE else "reset"
+        self.records.ended(event.stream_id, result, self.clock.seconds())
         pending = self._pending.pop(event.stream_id, None)
         if pending is not None:
             pending.cancel()

@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 
 from stripeproxy.core import socks5
 from stripeproxy.core.address import format_host_port
+from stripeproxy.core.escape import printable
 from stripeproxy.net.client import Overlay
 from stripeproxy.net.local import LocalStream
 
@@ -50,7 +51,7 @@ class SocksProtocol(LocalStream):
                 self.log.info(
                     "SOCKS client {peer}: {reason}",
                     peer=self.tcp.getPeer(),
-                    reason=event.reason,
+                    reason=printable(event.reason),  # may quote the client's bytes
                 )
                 if self.driver is not None and not self._finished:
                     self._finished = True

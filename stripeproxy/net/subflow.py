@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stripeproxy.core import wire
+from stripeproxy.core.escape import printable
 from stripeproxy.net.driver import SessionDriver
 
 # Keep the kernel's unsent backlog per subflow small, so the scheduler, not
@@ -157,7 +158,10 @@ class SubflowProtocol(Protocol):
         """Close this subflow because of ``reason`` (logged with the peer)."""
         if self._gone:
             return
-        self.log.info("subflow {peer}: {reason}", peer=self.peer, reason=reason)
+        # The peer's address may come from a PROXY header; the reason may quote the peer.
+        self.log.info(
+            "subflow {peer}: {reason}", peer=printable(self.peer), reason=printable(reason)
+        )
         self.abort()
 
     def abort(self) -> None:

@@ -48,10 +48,29 @@ def resolve(reactor: Any, host: str, port: int) -> defer.Deferred[list[str]]:
     try:
         ipaddress.ip_address(host)
     except ValueError:
+        if not _resolvable(host):
+            return defer.fail(error.DNSLookupError(f"{host}: not a host name"))
         receiver = _Addresses()
         reactor.nameResolver.resolveHostName(receiver, host, port)
         return receiver.result
     return defer.succeed([host])
+
+
+def _resolvable(host: str) -> bool:
+    """``getaddrinfo`` can be asked about ``host``.
+
+    A NUL or a label the IDNA codec refuses (longer than 63 characters, or
+    empty) makes it raise instead of failing the lookup; Twisted's resolver
+    then never completes the resolution and logs an unhandled error, and the
+    stream would wait for the client's open timeout.
+    """
+    if "\0" in host:
+        return False
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 class TargetDenied(Exception):
@@ -82,8 +101,16 @@ def reply_code_for(failure: Failure) -> int:
 class TargetProtocol(LocalStream):
     """The server's ordinary TCP connection to the requested target."""
 
+    sent = 0  # bytes written to the target, for the access log
+    received = 0  # bytes read from it
+
     def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
         self.forward(data)
+
+    def write_local(self, data: bytes) -> None:
+        self.sent += len(data)
+        super().write_local(data)
 
 
 _TARGET_FACTORY = Factory.forProtocol(TargetProtocol)

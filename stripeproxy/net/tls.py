@@ -40,6 +40,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from stripeproxy.core.escape import printable
+
 if TYPE_CHECKING:
     # Only a name for a type: optionsForClientTLS takes it, but Twisted defines it in
     # its private _sslverify module and exports it nowhere else.
@@ -236,7 +238,7 @@ class _PinnedServerCreator:
             _log.warn(
                 "server certificate does not match {hostname}: {error}",
                 hostname=self._hostname,
-                error=e,
+                error=printable(str(e)),  # names from the server's certificate
             )
             return False
         return True

@@ -4,6 +4,8 @@ Rendering is a pure function of a :class:`~stripeproxy.ops.observe.Snapshot`,
 so tests can draw a known state into a fixed-size console and read it back.
 The :class:`Dashboard` service redraws on every monitor sample (500 ms) and
 shows recent log lines in a panel, so logging never tears the screen.
+Values from the network (peers, targets, log lines) are drawn as plain
+``Text``, never parsed as rich markup: ``[bold]`` in a host name stays text.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def render(snapshot: Snapshot, log_lines: list[str] | None = None) -> Renderable
         subflows.add_row(
             row.session,
             str(row.sid),
-            row.peer,
+            Text(row.peer),
             "up" if row.writable else "full",
             f"{row.rtt_ms:.1f}" if row.rtt_ms is not None else "-",
             human_rate(row.rates["tx_real"]),
@@ -93,7 +95,7 @@ def render(snapshot: Snapshot, log_lines: list[str] | None = None) -> Renderable
         streams.add_row(
             st.session,
             str(st.stream_id),
-            st.target,
+            Text(st.target),
             f"{st.age:.0f}",
             human_bytes(st.sent),
             human_bytes(st.received),
@@ -102,7 +104,7 @@ def render(snapshot: Snapshot, log_lines: list[str] | None = None) -> Renderable
         )
     parts: list[RenderableType] = [header, subflows, streams]
     if log_lines is not None:
-        parts.append(Panel("\n".join(log_lines) or " ", title="log", title_align="left"))
+        parts.append(Panel(Text("\n".join(log_lines) or " "), title="log", title_align="left"))
     return Group(*parts)
 
 

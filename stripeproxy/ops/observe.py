@@ -7,6 +7,10 @@ never reach into the session core and cost nothing on the data path.
 
 "Real" bytes are stream payload; "dummy" bytes are everything else on the
 wire: frame headers, ACKs, heartbeats, and payload sent more than once.
+
+Rows carry display text: a stream's target (the SOCKS client's choice) and a
+subflow's peer (from a PROXY header, behind a balancer) are escaped here
+(:func:`~stripeproxy.core.escape.printable`), once, for every consumer.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
+from stripeproxy.core.escape import printable
 from stripeproxy.net.driver import StreamInfo, SubflowInfo
 from stripeproxy.ops.rates import PERIOD, WINDOW, RateBook
 
@@ -142,7 +147,7 @@ class Monitor(Service):
                     SubflowRow(
                         session=label,
                         sid=sf.sid,
-                        peer=sf.peer,
+                        peer=printable(sf.peer),
                         writable=sf.writable,
                         rtt_ms=sf.srtt * 1000 if sf.srtt is not None else None,
                         inflight=sf.inflight,
@@ -157,7 +162,7 @@ class Monitor(Service):
                     StreamRow(
                         session=label,
                         stream_id=stream_id,
-                        target=st.target,
+                        target=printable(st.target),
                         age=now - st.opened_at if st.opened_at is not None else 0.0,
                         sent=sent,
                         received=received,
