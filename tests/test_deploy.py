@@ -497,7 +497,9 @@ async def test_haproxy_source_affinity_and_failover(
     # wait otherwise).
     bad_server = f"tcp:127.0.0.1:{port}:bindAddress={BAD_SOURCE}:timeout=10"
     bad_extra = ["--server", bad_server, "--server-name", "localhost", "--retry-max", "1"]
-    await start_client(cleanup, keys, port, True, 1, bad_extra, psk=keys.wrong_psk)
+    # After a bad-key REJECT a client waits a minute before it dials again
+    # (SPEC.md section 2): two subflows make the two failures in a row at once.
+    await start_client(cleanup, keys, port, True, 2, bad_extra, psk=keys.wrong_psk)
     refused = f"subflow {BAD_SOURCE}:\\d+: authentication failed .* 2 in a row from {BAD_SOURCE}"
     await first_of(instances, refused)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
 from twisted.internet.endpoints import wrapClientTLS
@@ -25,6 +24,7 @@ from stripeproxy.cli.options import (
 )
 from stripeproxy.net.client import ClientSettings, Overlay, OverlayService
 from stripeproxy.net.client_subflow import SubflowFactory
+from stripeproxy.net.dial import DialEndpoint, DialService, DialSlot
 from stripeproxy.net.endpoints import (
     client_endpoint,
     is_endpoint_string,
@@ -187,13 +187,24 @@ def makeService(options: Options) -> IService:
     overlay = Overlay(client_settings(options, reactor))
     top = MultiService()  # type: ignore[no-untyped-call]
     creator = options["tls"]
-    factory = SubflowFactory(overlay)
-    for _ in range(options["subflows"]):
+    # One re-dial policy for every slot: they share the server and the key.
+    factory = SubflowFactory(overlay, options["retry-max"])
+    slots: list[DialSlot] = []
+    for number in range(1, options["subflows"] + 1):
         endpoint = client_endpoint(reactor, options["server"], options["connect-timeout"])
         if creator is not None:
             endpoint = wrapClientTLS(creator, endpoint)
-        retry = backoffPolicy(initialDelay=0.5, factor=2.0, maxDelay=options["retry-max"])
-        attach(ClientService(endpoint, factory, retryPolicy=retry), top)
+        slot = DialSlot(
+            number,
+            options["server"],
+            creator is not None,
+            options["retry-max"],
+            reactor,
+            key_id=options["key-id"],
+        )
+        slots.append(slot)
+        dial = DialEndpoint(endpoint, factory, slot)
+        attach(DialService(dial, factory.redial.delay, reactor), top)
     socks = ListenService(
         "SOCKS listener",
         options["listen"],
@@ -211,6 +222,7 @@ def makeService(options: Options) -> IService:
         reactor,
         lambda: [overlay.driver] if overlay.driver is not None else [],
         lambda: max(0, overlay.joins - k),
+        dials=lambda: [slot.status() for slot in slots],
     )
     attach(OverlayService(overlay), top)  # last added, first stopped
     return top

@@ -23,6 +23,7 @@ from stripeproxy.cli.keygen import load_keys
 from stripeproxy.cli.listen import ListenService, loopback_only
 from stripeproxy.core.scheduler import SCHEDULERS
 from stripeproxy.core.session import SessionConfig
+from stripeproxy.net.dial import DialStatus
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.endpoints import is_endpoint_string, parse_host_port, server_endpoint
 
@@ -344,6 +345,7 @@ def add_observability(
     sessions: Callable[[], Iterable[SessionDriver]],
     redials: Callable[[], int] = lambda: 0,
     log: Logger | None = None,
+    dials: Callable[[], Iterable[DialStatus]] = tuple,
 ) -> None:
     """Start the monitor, the dashboard and the metrics listener as asked.
 
@@ -353,7 +355,7 @@ def add_observability(
         return
     from stripeproxy.ops.observe import Monitor
 
-    monitor = Monitor(options.role, clock, sessions, redials)
+    monitor = Monitor(options.role, clock, sessions, redials, dials=dials)
     attach(monitor, top)
     if options["metrics"]:
         from stripeproxy.ops.metrics import metrics_site

@@ -11,6 +11,7 @@ from stripeproxy.core import handshake, wire
 from stripeproxy.core.handshake import ClientState, Failed, Joined, Rejected
 from stripeproxy.core.redial import RedialPolicy
 from stripeproxy.net.client import ClientSessionDriver, Overlay
+from stripeproxy.net.dial import DialOutcome
 from stripeproxy.net.subflow import SubflowProtocol
 
 # Handshakes that ended without a verdict; they count as failures for the re-dial backoff.
@@ -37,6 +38,8 @@ class ClientSubflow(SubflowProtocol):
             settings.psk, settings.key_id, settings.config.crc, self._choose_session
         )
         self._target: ClientSessionDriver | None = None
+        # What net/dial.py learns from this attempt: joined, or why not.
+        self.dial = DialOutcome(settings.handshake_timeout)
 
     @property
     def nonce(self) -> bytes:
@@ -45,6 +48,7 @@ class ClientSubflow(SubflowProtocol):
     def _choose_session(self) -> tuple[bytes, bool]:
         """Asked at CHALLENGE time: join the overlay's current session."""
         target = self._target = self.overlay.current()
+        self.dial.challenged = True
         return target.session_id, target.established
 
     def start_handshake(self) -> None:
@@ -72,8 +76,10 @@ class ClientSubflow(SubflowProtocol):
         self.overlay.joins += 1
         self.redial.joined()
         self.joined(target)
+        self.dial.joined.callback(None)
 
     def _rejected(self, outcome: Rejected) -> None:
+        self.dial.rejection = outcome
         target = self._target
         assert target is not None
         if outcome.code == wire.REJECT_UNKNOWN_SESSION:
@@ -97,10 +103,20 @@ class ClientSubflow(SubflowProtocol):
             self.redial.handshake_failed()  # a limit or the version: back off
         self.fail(f"server rejected the subflow: {outcome.reason!r}")
 
+    def fail(self, reason: str) -> None:
+        if self.driver is None and not self._gone:
+            self.dial.failure = reason
+            if self.dial.watched:
+                # Before the join, net/dial.py logs why: once per kind, not per attempt.
+                self.abort()
+                return
+        super().fail(reason)
+
     def lost(self, reason: Failure | None) -> None:
         if self.handshake.state in _UNFINISHED:
             self.redial.handshake_failed()  # timed out, a bad proof, a TLS error...
         self.handshake.lost()
+        self.dial.lost(reason)
 
 
 class SubflowFactory(Factory):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
@@ -151,6 +151,11 @@ class ServerSubflow(SubflowProtocol):
     def lost(self, reason: Failure | None) -> None:
         self.handshake.lost()
         self._handshake_over()
+
+    def timeout_hint(self) -> str:
+        if ISSLTransport.providedBy(self.transport):
+            return ": no TLS ClientHello or no AUTH (a client with --no-tls?)"
+        return ": no AUTH from the client"
 
 
 class SubflowFactory(Factory):

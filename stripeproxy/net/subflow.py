@@ -152,7 +152,7 @@ class SubflowProtocol(Protocol):
         if self._gone:
             self.abort()
         else:
-            self.fail("handshake timed out")
+            self.fail("handshake timed out" + self.timeout_hint())
 
     def fail(self, reason: str) -> None:
         """Close this subflow because of ``reason`` (logged with the peer)."""
@@ -210,6 +210,10 @@ class SubflowProtocol(Protocol):
         """connectionLost follows; nothing to do here."""
 
     # Subclass hooks.
+    def timeout_hint(self) -> str:
+        """Said after "handshake timed out": what did not arrive."""
+        return ""
+
     def start_handshake(self) -> None:
         raise NotImplementedError
 

@@ -23,6 +23,7 @@ from twisted.application.service import Service
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
+from stripeproxy.net.dial import DialStatus
 from stripeproxy.ops.observe import Monitor, Snapshot
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -102,10 +103,46 @@ def render(snapshot: Snapshot, log_lines: list[str] | None = None) -> Renderable
             human_rate(st.send_rate),
             human_rate(st.receive_rate),
         )
-    parts: list[RenderableType] = [header, subflows, streams]
+    parts: list[RenderableType] = [header, *dial_lines(snapshot), subflows, streams]
     if log_lines is not None:
         parts.append(Panel(Text("\n".join(log_lines) or " "), title="log", title_align="left"))
     return Group(*parts)
+
+
+# Dial errors get at most this many lines: at 80x24 every line counts.
+DIAL_LINES = 3
+
+
+def dial_lines(snapshot: Snapshot) -> list[Text]:
+    """The client's subflow slots that are not up, or were not: one line per
+    distinct last error with the slots it concerns, e.g.
+    ``dial 1,2 down (37 failed): connection refused (...)``.
+
+    Cut at the console's width, never wrapped; messages were escaped when
+    they were made (they may quote the server).
+    """
+    groups: dict[tuple[bool, str], list[DialStatus]] = {}
+    for dial in snapshot.dials:
+        if dial.error is not None:
+            groups.setdefault((dial.state == "up", dial.error.message), []).append(dial)
+    lines: list[Text] = []
+    for (up, message), dials in sorted(groups.items()):
+        slots = ",".join(str(d.slot) for d in dials)
+        if up:
+            text = Text.assemble(f"dial {slots} up; last error: ", message)
+        else:
+            failed = sum(d.failures for d in dials)
+            state = dials[0].state
+            text = Text.assemble(
+                (f"dial {slots} {state}", "bold red"), f" ({failed} failed): ", message
+            )
+        text.no_wrap = True
+        text.overflow = "ellipsis"
+        lines.append(text)
+    if len(lines) > DIAL_LINES:
+        more = len(lines) - DIAL_LINES + 1
+        lines = [*lines[: DIAL_LINES - 1], Text(f"dial: {more} more kinds of error")]
+    return lines
 
 
 @implementer(ILogObserver)

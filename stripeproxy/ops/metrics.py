@@ -16,7 +16,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from stripeproxy.ops.observe import Monitor
+from stripeproxy.ops.observe import Monitor, Snapshot
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -66,6 +66,7 @@ class SnapshotCollector(Collector):
         yield per_subflow
         yield rtt
         yield inflight
+        yield from _dial_metrics(snap)
         yield CounterMetricFamily(
             "stripeproxy_retransmitted_bytes",
             "Payload bytes sent more than once.",
@@ -98,6 +99,42 @@ class SnapshotCollector(Collector):
             ),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+
+
+def _dial_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """The client's subflow slots: up or not, failures, and the kind of the last one.
+
+    The error's kind is a label (a short fixed word); its sentence is not (it
+    may carry text from the server and would make a new series per message).
+    """
+    up = GaugeMetricFamily(
+        "stripeproxy_dial_up",
+        "1 while the subflow slot has joined a session.",
+        labels=["role", "slot"],
+    )
+    in_a_row = GaugeMetricFamily(
+        "stripeproxy_dial_failed_attempts",
+        "Failed dial attempts of a slot since it was last joined.",
+        labels=["role", "slot"],
+    )
+    failures = CounterMetricFamily(
+        "stripeproxy_dial_failures",
+        "Failed dial attempts of a slot over the client's life.",
+        labels=["role", "slot"],
+    )
+    last = GaugeMetricFamily(
+        "stripeproxy_dial_last_error",
+        "1 for the kind of the slot's last dial error (kept after it recovers).",
+        labels=["role", "slot", "kind"],
+    )
+    for dial in snap.dials:
+        ids = [snap.role, str(dial.slot)]
+        up.add_metric(ids, 1 if dial.state == "up" else 0)
+        in_a_row.add_metric(ids, dial.failures)
+        failures.add_metric(ids, dial.failed_total)
+        if dial.error is not None:
+            last.add_metric([*ids, str(dial.error.kind)], 1)
+    yield from (up, in_a_row, failures, last)
 
 
 class MetricsResource(Resource):

@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from stripeproxy.core.escape import printable
+from stripeproxy.net.dial import DialStatus
 from stripeproxy.net.driver import StreamInfo, SubflowInfo
 from stripeproxy.ops.rates import PERIOD, WINDOW, RateBook
 
@@ -86,6 +87,8 @@ class Snapshot:
     subflows_lost: int = 0
     redials: int = 0
     buffered: int = 0
+    # The client's subflow slots: state and last dial error of each (empty on the server).
+    dials: tuple[DialStatus, ...] = ()
 
     @property
     def streams_open(self) -> int:
@@ -103,11 +106,13 @@ class Monitor(Service):
         redials: Callable[[], int] = lambda: 0,
         period: float = PERIOD,
         window: float = WINDOW,
+        dials: Callable[[], Iterable[DialStatus]] = tuple,
     ) -> None:
         self.role = role
         self.clock = clock
         self._sessions = sessions
         self._redials = redials
+        self._dials = dials
         self.period = period
         self._book = RateBook(window)
         self._last: dict[str, dict[str, int]] = {}  # counters of live sessions
@@ -199,6 +204,7 @@ class Monitor(Service):
             subflows_lost=totals["subflows_lost"],
             redials=self._redials(),
             buffered=buffered,
+            dials=tuple(self._dials()),
         )
         self.latest = snapshot
         for listener in list(self.listeners):
