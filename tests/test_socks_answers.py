@@ -185,10 +185,13 @@ async def test_first_connect_after_a_server_restart_succeeds(
     old = pair.client_driver()
     await pair.server.stop()  # no drain: the client's session outlives the server
     await wait_for(lambda: not old.subflows, "the client to lose its subflows")
+    # The CONNECT goes to the old session, which the restarted server forgot;
+    # it waits for a subflow (re-dials begin a second after the loss).
+    transfer = in_thread(socks_echo, pair.socks_port, target.port, 1 * MiB, 5)
+    await wait_for(lambda: old.stream_count == 1, "the CONNECT in the old session")
     listen = f"tcp:{pair.server.port}:interface=127.0.0.1"
     pair.server = await start_server(cleanup, keys, False, listen=listen)
-    assert not old.closed  # the CONNECT goes to the old session, which the server forgot
-    result = await in_thread(socks_echo, pair.socks_port, target.port, 1 * MiB, 5)
+    result = await transfer
     assert result.errors == []
     assert result.received == result.sent == 1 * MiB
     assert result.received_sha == result.sent_sha
