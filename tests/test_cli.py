@@ -93,6 +93,8 @@ def test_server_defaults_are_the_dataclass_defaults(keys: Keys) -> None:
         (server_tap, "session-window", SessionConfig, "session_window", 1024 * 1024),
         (server_tap, "max-streams", SessionConfig, "max_streams", 1),
         (client_tap, "open-timeout", ClientSettings, "open_timeout", 1),
+        (client_tap, "connect-wait", ClientSettings, "connect_wait", 1),
+        (client_tap, "drain-timeout", ClientSettings, "drain_timeout", 1),
         (client_tap, "max-frame", ClientSettings, "max_frame", 1024),
         (server_tap, "max-frame", ServerSettings, "max_frame", 1024),
         (server_tap, "memory-limit", ServerSettings, "memory_limit", 1024 * 1024),

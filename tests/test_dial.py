@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from helpers import Cleanup, Keys, make_keys, start_client, start_server, wait_for
+from twisted.application.service import IServiceCollection
 from twisted.internet import error
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
@@ -360,7 +361,7 @@ async def _failing_client(
     it logged (for a bad key, the subflow's line)."""
     argv = ["--server", address, "--retry-max", "0.3", *extra]
     client = await start_client(cleanup, keys, 0, tls, k=1, extra=argv, psk=psk)
-    (service,) = [s for s in client.service if isinstance(s, DialService)]
+    (service,) = _dial_services(client.service)
     slot = service.slot
     await wait_for(lambda: slot.failed_total >= attempts, f"{attempts} failed attempts")
     status = slot.status()
@@ -502,7 +503,7 @@ async def test_real_join_is_logged_once_per_slot(
 ) -> None:
     server = await start_server(cleanup, keys, tls=True)
     client = await start_client(cleanup, keys, server.port, True, k=2)
-    slots = [s.slot for s in client.service if isinstance(s, DialService)]
+    slots = [s.slot for s in _dial_services(client.service)]
     await wait_for(lambda: all(s.state == "up" for s in slots), "both slots to join")
     address = f"127.0.0.1:{server.port}"
     for number in (1, 2):
@@ -595,3 +596,14 @@ def test_the_dashboard_keeps_dial_errors_to_three_lines() -> None:
         "dial: 4 more kinds of error",
     ]
     assert dial_lines(Snapshot("server", 0.0, 10.0, 0)) == []
+
+
+def _dial_services(top: IServiceCollection) -> list[DialService]:
+    """The subflow services, wherever the tap nests them (under the drain service)."""
+    found: list[DialService] = []
+    for service in top:
+        if isinstance(service, DialService):
+            found.append(service)
+        elif IServiceCollection.providedBy(service):
+            found.extend(_dial_services(service))
+    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from twisted.application.service import IService, MultiService
@@ -77,6 +78,20 @@ class Options(SessionOptions):
             None,
             default_of(ClientSettings, "open_timeout"),
             "Seconds to wait for the server to open a stream.",
+            float,
+        ],
+        [
+            "connect-wait",
+            None,
+            default_of(ClientSettings, "connect_wait"),
+            "Seconds a CONNECT waits for a subflow when none is up (less if every dial fails).",
+            float,
+        ],
+        [
+            "drain-timeout",
+            None,
+            default_of(ClientSettings, "drain_timeout"),
+            "On SIGTERM, seconds the streams in flight get to finish.",
             float,
         ],
         ["key-id", None, None, "Which key of --psk-file to use (needed if it names several)."],
@@ -176,6 +191,8 @@ def client_settings(options: Options, reactor: Any) -> ClientSettings:
         config=options.session_config(),
         socks_credentials=credentials,
         open_timeout=options["open-timeout"],
+        connect_wait=options["connect-wait"],
+        drain_timeout=options["drain-timeout"],
         handshake_timeout=options["handshake-timeout"],
         congestion=options["congestion"],
         max_frame=options["max-frame"] * KiB,
@@ -186,6 +203,10 @@ def makeService(options: Options) -> IService:
     check_host_tuning(Logger())
     overlay = Overlay(client_settings(options, reactor))
     top = MultiService()  # type: ignore[no-untyped-call]
+    # The subflow services' parent: added first, stopped last (after the SOCKS
+    # listener), once the streams in flight have drained.
+    subflows = OverlayService(overlay, reactor, options["drain-timeout"])
+    attach(subflows, top)
     creator = options["tls"]
     # One re-dial policy for every slot: they share the server and the key.
     factory = SubflowFactory(overlay, options["retry-max"])
@@ -194,6 +215,7 @@ def makeService(options: Options) -> IService:
         endpoint = client_endpoint(reactor, options["server"], options["connect-timeout"])
         if creator is not None:
             endpoint = wrapClientTLS(creator, endpoint)
+        endpoint = overlay.watch(endpoint)
         slot = DialSlot(
             number,
             options["server"],
@@ -204,7 +226,8 @@ def makeService(options: Options) -> IService:
         )
         slots.append(slot)
         dial = DialEndpoint(endpoint, factory, slot)
-        attach(DialService(dial, factory.redial.delay, reactor), top)
+        attach(DialService(dial, factory.redial.delay, reactor), subflows)
+    overlay.spare_dial = partial(endpoint.connect, factory)  # see Overlay.session_for
     socks = ListenService(
         "SOCKS listener",
         options["listen"],
@@ -224,5 +247,4 @@ def makeService(options: Options) -> IService:
         lambda: max(0, overlay.joins - k),
         dials=lambda: [slot.status() for slot in slots],
     )
-    attach(OverlayService(overlay), top)  # last added, first stopped
     return top

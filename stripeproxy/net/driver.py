@@ -25,6 +25,7 @@ from stripeproxy.core.session import (
     RESET_IDLE,
     CloseSubflow,
     GoingAway,
+    OpenRefused,
     OpenRequested,
     OpenResult,
     Session,
@@ -92,6 +93,27 @@ class StreamInfo:
     received: int  # bytes received from the remote side
 
 
+#: Seconds between two log lines about the same limit.
+LIMIT_LOG_INTERVAL = 60.0
+
+
+class Throttle:
+    """One log line per interval about a limit; the hits between are counted."""
+
+    def __init__(self, interval: float = LIMIT_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self.logged_at: float | None = None
+        self.suppressed = 0
+
+    def due(self, now: float) -> int | None:
+        """The hits not logged since the last line if a line is due now, else None."""
+        if self.logged_at is not None and now - self.logged_at < self.interval:
+            self.suppressed += 1
+            return None
+        suppressed, self.suppressed, self.logged_at = self.suppressed, 0, now
+        return suppressed
+
+
 class SessionDriver:
     """Twisted side of one session; subclasses add the role-specific handling."""
 
@@ -119,6 +141,7 @@ class SessionDriver:
         self._next_sid = 0
         self._flushing = False
         self._again = False
+        self._stream_limit = Throttle()
         self._handlers: dict[type, Callable[[Any], None]] = {
             StreamData: self._on_stream_data,
             StreamPaused: self._on_stream_paused,
@@ -128,6 +151,7 @@ class SessionDriver:
             StreamReset: self._on_stream_reset,
             OpenRequested: self._on_open_requested,
             OpenResult: self._on_open_result,
+            OpenRefused: self._on_open_refused,
             CloseSubflow: self._on_close_subflow,
             GoingAway: self._on_going_away,
             SessionClosed: self._on_session_closed,
@@ -372,6 +396,17 @@ class SessionDriver:
 
     def _on_open_result(self, event: OpenResult) -> None:
         raise NotImplementedError("client sessions handle OPEN results")
+
+    def _on_open_refused(self, event: OpenRefused) -> None:
+        suppressed = self._stream_limit.due(self.clock.seconds())
+        if suppressed is not None:
+            self.log.warn(
+                "session {session}: new stream refused: {streams} streams open, the limit "
+                "per session (--max-streams) ({suppressed} more refused since the last line)",
+                session=self.label,
+                streams=event.streams,
+                suppressed=suppressed,
+            )
 
     def _on_close_subflow(self, event: CloseSubflow) -> None:
         subflow = self.subflows.pop(event.sid, None)

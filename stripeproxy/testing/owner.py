@@ -16,6 +16,7 @@ from stripeproxy.core.session import (
     CloseSubflow,
     Event,
     GoingAway,
+    OpenRefused,
     OpenRequested,
     OpenResult,
     Session,
@@ -147,6 +148,8 @@ class FakeOwner:
             self.session_closes.append(event.reason)
         elif isinstance(event, GoingAway):
             self.events.append(("session_going_away", event.reason))
+        elif isinstance(event, OpenRefused):
+            self.events.append(("stream_open_refused", event.stream_id, event.streams))
         elif event.stream_id in self.forgotten:
             return
         elif isinstance(event, StreamData):

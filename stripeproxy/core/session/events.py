@@ -31,6 +31,15 @@ class OpenResult:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenRefused:
+    """Server only: an OPEN was refused because the session holds ``streams``
+    streams, its limit (``max_streams``); the driver logs it."""
+
+    stream_id: int
+    streams: int
+
+
+@dataclass(frozen=True, slots=True)
 class StreamData:
     """In-order bytes for the local peer of ``stream_id``."""
 
@@ -99,6 +108,7 @@ class CloseSubflow:
 Event = (
     OpenRequested
     | OpenResult
+    | OpenRefused
     | StreamData
     | StreamEof
     | StreamReset

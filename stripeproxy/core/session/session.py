@@ -35,6 +35,7 @@ from stripeproxy.core.session.config import (
 from stripeproxy.core.session.events import (
     CloseSubflow,
     GoingAway,
+    OpenRefused,
     OpenRequested,
     OpenResult,
     SessionClosed,
@@ -335,8 +336,11 @@ class Session(SessionBase):
             if message.stream_id <= self._max_stream_id:
                 raise ProtocolError(f"OPEN for stream {message.stream_id} reuses an id")
             self._max_stream_id = message.stream_id
-            if self._credit.data_streams >= self.config.max_streams or self.going_away:
+            streams = self._credit.data_streams
+            if streams >= self.config.max_streams or self.going_away:
                 self._send_control(control.OpenFail(message.stream_id, RESET_GENERAL))
+                if not self.going_away:
+                    self._events.append(OpenRefused(message.stream_id, streams))
                 return
             self._add_stream(message.stream_id, now)
             self._events.append(OpenRequested(message.stream_id, message.host, message.port))
