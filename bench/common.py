@@ -41,7 +41,8 @@ class Context:
     profiles: Sequence[str] = ("P1", "P2", "P3", "P4")
     ccs: Sequence[str] = ("cubic", "bbr")
     ks: Sequence[int] = (1, 2, 4, 6, 8)
-    wanem_dir: Path = Path("/work/shared/wanem")
+    # --wanem DIR; None means $STRIPE_WANEM or netem (bench.link.find_link).
+    wanem: Path | None = None
     wan_tls: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
