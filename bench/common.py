@@ -20,6 +20,7 @@ from bench.procs import (
     python_module,
     run_json,
 )
+from bench.stats import ScenarioReport
 
 log = logging.getLogger("bench")
 
@@ -45,6 +46,16 @@ class Context:
     wanem: Path | None = None
     wan_tls: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def skip(ctx: Context, name: str, title: str, why: str) -> list[ScenarioReport]:
+    """A scenario that cannot run here: logged, and reported with the reason."""
+    log.warning("%s skipped: %s", name, why)
+    sc = ScenarioReport(name, title, None, {})
+    sc.skipped = why
+    if ctx.extra.get("on_report"):
+        ctx.extra["on_report"](sc)
+    return [sc]
 
 
 def send_argv(

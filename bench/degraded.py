@@ -27,16 +27,14 @@ import os
 import time
 from typing import Any
 
-from bench.common import Context, send_argv, transfer
+from bench.common import Context, send_argv, skip, transfer
 from bench.link import (
     HOW_TO_PER_FLOW,
     NS_A,
     NS_B,
-    NoEmulator,
-    Wanem,
+    available,
     find_wanem,
     ns_exists,
-    root_problem,
 )
 from bench.procs import (
     BenchError,
@@ -83,20 +81,9 @@ def spread(bad: float, good: float) -> str:
 
 def run(ctx: Context) -> list[ScenarioReport]:
     """Both variants over the named emulator, or one skip saying what is missing."""
-    why = root_problem()
-    link: Wanem | None = None
-    try:
-        link = find_wanem(ctx.wanem, os.environ) if why is None else None
-    except NoEmulator as e:
-        why = str(e)
-    if link is None:
-        why = why or HOW_TO_PER_FLOW
-        log.warning("degraded skipped: %s", why)
-        sc = ScenarioReport("degraded", "degraded subflow", None, {})
-        sc.skipped = why
-        if ctx.extra.get("on_report"):
-            ctx.extra["on_report"](sc)
-        return [sc]
+    link = available(lambda: find_wanem(ctx.wanem, os.environ), HOW_TO_PER_FLOW)
+    if isinstance(link, str):
+        return skip(ctx, "degraded", "degraded subflow", link)
     reports = []
     cc = "cubic" if "cubic" in ctx.ccs else ctx.ccs[0]
     for variant, (option, bad, good, title) in VARIANTS.items():

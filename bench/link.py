@@ -25,6 +25,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from bench.procs import BenchError
 
@@ -232,6 +233,21 @@ def find_link(
     if (has_netem or netem_works)():
         return Netem()
     raise NoEmulator(HOW_TO)
+
+
+L = TypeVar("L", bound=Link)
+
+
+def available(find: Callable[[], L | None], missing: str) -> L | str:
+    """The link ``find`` gives, or why there is none: not root, a bad or no emulator."""
+    why = root_problem()
+    if why is not None:
+        return why
+    try:
+        link = find()
+    except NoEmulator as e:
+        return str(e)
+    return missing if link is None else link
 
 
 def describe(link: Link) -> str:

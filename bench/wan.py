@@ -29,18 +29,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import Context, send_argv, transfer
+from bench.common import Context, send_argv, skip, transfer
 from bench.latency import ttfb_argv
 from bench.link import (
+    HOW_TO,
     IP_B,
     NS_A,
     NS_B,
     Link,
-    NoEmulator,
+    available,
     describe,
     find_link,
     ns_exists,
-    root_problem,
     sh,
 )
 from bench.procs import (
@@ -103,19 +103,9 @@ def keep_idle_connections_warm() -> None:
 
 def run(ctx: Context) -> list[ScenarioReport]:
     """Every profile x cc over the link :func:`bench.link.find_link` finds, or one skip."""
-    why = root_problem()
-    link: Link | None = None
-    try:
-        link = find_link(ctx.wanem, os.environ) if why is None else None
-    except NoEmulator as e:
-        why = str(e)
-    if link is None:
-        log.warning("wan skipped: %s", why)
-        sc = ScenarioReport("wan", "wan", None, {})
-        sc.skipped = why
-        if ctx.extra.get("on_report"):
-            ctx.extra["on_report"](sc)
-        return [sc]
+    link = available(lambda: find_link(ctx.wanem, os.environ), HOW_TO)
+    if isinstance(link, str):
+        return skip(ctx, "wan", "wan", link)
     log.info("wan: using %s", describe(link))
     reports = []
     for cc in ctx.ccs:
