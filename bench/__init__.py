@@ -1,6 +1,16 @@
-"""``stripe-bench``: measure the overlay against direct TCP and plain relays.
+"""The benchmark: measure the overlay against direct TCP and plain relays.
 
-The package is run as ``python -m bench`` (or ``stripe-bench``).
+It lives beside the product, not in its wheel: run it from a checkout, in
+an environment where stripeproxy is installed (``scripts/test`` or
+``scripts/run-local`` make ``.venv``), as ``.venv/bin/python -m bench``.
+
+The loopback scenarios (loopback, memory, latency) need nothing more.  The
+WAN scenarios (wan, degraded) need **root and network namespaces**
+(``ip netns``) and a link emulator: ``--wanem DIR`` or ``$STRIPE_WANEM``
+naming a wanem-style userspace emulator, else kernel ``tc netem`` when the
+kernel has it (:mod:`.link`).  Without one they are skipped with a message
+saying how to get one, and the other scenarios still run.
+
 It starts every participant as its own process -- the proxy pair as real
 ``twistd -n`` processes, the traffic sender and sink as small stdlib
 programs (:mod:`bench.traffic`) -- so that what is measured is
@@ -17,5 +27,7 @@ Modules:
 - :mod:`.relay` -- the plain Twisted TCP and TLS relays used as baselines.
 - :mod:`.procs` -- starting and watching processes, ``/proc`` readers.
 - :mod:`.machine` -- what machine and software a result came from.
-- :mod:`.scenarios` -- loopback, memory, latency and wan.
+- :mod:`.link` -- the emulated WAN link (wanem or netem) and how it is found.
+- :mod:`.loopback`, :mod:`.memory`, :mod:`.latency`, :mod:`.wan`,
+  :mod:`.degraded` -- the scenarios.
 """

@@ -1,4 +1,4 @@
-"""``stripe-bench`` / ``python -m bench``: run scenarios, print a table, write JSON.
+"""``python -m bench`` (from a checkout): run scenarios, print a table, write JSON.
 
 The JSON is rewritten after every scenario, so a run that is interrupted
 (or whose WAN part fails) keeps what it measured.  The table goes to
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import degraded, latency, loopback, memory, wan
+from bench import degraded, latency, link, loopback, memory, wan
 from bench.common import Context
 from bench.machine import machine_info
 from bench.procs import make_keys
@@ -54,7 +54,7 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="stripe-bench",
+        prog="python -m bench",
         description="Benchmark stripeproxy against direct TCP and plain Twisted relays.",
     )
     ap.add_argument(
@@ -72,7 +72,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--time", type=float, default=10.0, help="WAN seconds of sending per run")
     ap.add_argument("--size", type=int, help="loopback MiB per case (default 256, quick 32)")
     ap.add_argument(
-        "--wanem", type=Path, default=Path(os.environ.get("WANEM_DIR", "/work/shared/wanem"))
+        "--wanem",
+        type=Path,
+        metavar="DIR",
+        help=f"wanem-style link emulator for wan/degraded (default: ${link.ENV}, "
+        "else tc netem if the kernel has it, else those scenarios are skipped)",
     )
     ap.add_argument("--wan-no-tls", action="store_true", help="WAN overlay with --no-tls")
     ap.add_argument(
@@ -179,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     now = datetime.datetime.now()
     out = a.out or default_out(now)
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
-    options["argv"] = list(sys.argv if argv is None else argv)
+    # What was run, without the path of this checkout (meaningless elsewhere).
+    options["argv"] = ["python -m bench", *(sys.argv[1:] if argv is None else argv)]
     writer = Writer(out, machine_info(), options)
     workdir = Path(tempfile.mkdtemp(prefix="stripe-bench-"))
     log.info("work directory %s, results to %s", workdir, out)
@@ -195,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             profiles=a.profiles,
             ccs=a.cc,
             ks=a.k,
-            wanem_dir=a.wanem,
+            wanem=a.wanem,
             wan_tls=not a.wan_no_tls,
         )
         runners: dict[str, Callable[[Context], ScenarioReport | list[ScenarioReport]]] = {

@@ -20,6 +20,7 @@ from bench.procs import (
     python_module,
     run_json,
 )
+from bench.stats import ScenarioReport
 
 log = logging.getLogger("bench")
 
@@ -41,9 +42,20 @@ class Context:
     profiles: Sequence[str] = ("P1", "P2", "P3", "P4")
     ccs: Sequence[str] = ("cubic", "bbr")
     ks: Sequence[int] = (1, 2, 4, 6, 8)
-    wanem_dir: Path = Path("/work/shared/wanem")
+    # --wanem DIR; None means $STRIPE_WANEM or netem (bench.link.find_link).
+    wanem: Path | None = None
     wan_tls: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def skip(ctx: Context, name: str, title: str, why: str) -> list[ScenarioReport]:
+    """A scenario that cannot run here: logged, and reported with the reason."""
+    log.warning("%s skipped: %s", name, why)
+    sc = ScenarioReport(name, title, None, {})
+    sc.skipped = why
+    if ctx.extra.get("on_report"):
+        ctx.extra["on_report"](sc)
+    return [sc]
 
 
 def send_argv(

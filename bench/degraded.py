@@ -15,16 +15,27 @@ Each repetition uploads through A, B and C in turn for ``--time`` seconds.
 The goal is that A keeps at least the five healthy subflows' share of C,
 5/6 of it.  Variants: the bad subflow has 5 % loss (ten times the link's),
 or 100 ms of extra one-way delay (a 240 ms RTT path among 40 ms ones).
-This needs the userspace emulator; kernel netem cannot treat flows apart.
+This needs root and a wanem-style userspace emulator named by ``--wanem DIR``
+or ``$STRIPE_WANEM`` (kernel netem cannot treat flows apart); without one the
+scenario is skipped with a message saying how to get one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
-from bench.common import Context, send_argv, transfer
+from bench.common import Context, send_argv, skip, transfer
+from bench.link import (
+    HOW_TO_PER_FLOW,
+    NS_A,
+    NS_B,
+    available,
+    find_wanem,
+    ns_exists,
+)
 from bench.procs import (
     BenchError,
     Proc,
@@ -33,14 +44,9 @@ from bench.procs import (
 )
 from bench.stats import Goal, Result, ScenarioReport
 from bench.wan import (
-    NS_A,
-    NS_B,
     PROFILES,
     SINK_PORT,
-    Wanem,
     keep_idle_connections_warm,
-    netem_works,
-    ns_exists,
     start_client,
     start_far_end,
     wait_client,
@@ -74,6 +80,10 @@ def spread(bad: float, good: float) -> str:
 
 
 def run(ctx: Context) -> list[ScenarioReport]:
+    """Both variants over the named emulator, or one skip saying what is missing."""
+    link = available(lambda: find_wanem(ctx.wanem, os.environ), HOW_TO_PER_FLOW)
+    if isinstance(link, str):
+        return skip(ctx, "degraded", "degraded subflow", link)
     reports = []
     cc = "cubic" if "cubic" in ctx.ccs else ctx.ccs[0]
     for variant, (option, bad, good, title) in VARIANTS.items():
@@ -86,11 +96,8 @@ def run(ctx: Context) -> list[ScenarioReport]:
         )
         t0 = time.monotonic()
         try:
-            if netem_works():
-                raise BenchError("needs the userspace emulator (per-flow loss and delay)")
             if ns_exists(NS_A) or ns_exists(NS_B):
                 raise BenchError("namespaces wa/wb already exist: the emulator is in use")
-            link = Wanem(ctx.wanem_dir)
             workdir = ctx.workdir / sc.name
             workdir.mkdir(parents=True, exist_ok=True)
             try:

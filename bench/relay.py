@@ -20,10 +20,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import cast
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IStreamClientEndpoint,
+    ITransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -31,6 +39,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 log = Logger()
+
+
+def _consumer(transport: ITransport) -> IConsumer:
+    """TCP and TLS transports are consumers too; ITransport does not say so."""
+    return cast(IConsumer, transport)
+
+
+def _producer(transport: ITransport) -> IPushProducer:
+    """TCP and TLS transports are push producers too; ITransport does not say so."""
+    return cast(IPushProducer, transport)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -48,8 +66,8 @@ class Pipe(Protocol):
         assert self.transport is not None and peer.transport is not None
         self.peer = peer
         peer.peer = self
-        self.transport.registerProducer(peer.transport, True)
-        peer.transport.registerProducer(self.transport, True)
+        _consumer(self.transport).registerProducer(_producer(peer.transport), True)
+        _consumer(peer.transport).registerProducer(_producer(self.transport), True)
         for data in self._pending:
             peer.transport.write(data)
         self._pending.clear()
@@ -87,7 +105,7 @@ class Inbound(Pipe):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.pauseProducing()
+        _producer(self.transport).pauseProducing()
         d = self.endpoint.connect(Factory.forProtocol(Pipe))
         d.addCallbacks(self._connected, self._failed)
 
@@ -97,7 +115,7 @@ class Inbound(Pipe):
             outbound.transport.loseConnection()  # type: ignore[union-attr]
             return
         self.link(outbound)
-        self.transport.resumeProducing()
+        _producer(self.transport).resumeProducing()
 
     def _failed(self, reason: Failure) -> None:
         log.warn("relay: cannot connect: {reason}", reason=reason.getErrorMessage())
@@ -123,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     endpoint: IStreamClientEndpoint = TCP4ClientEndpoint(reactor, host, int(port))
     if a.tls_client:
         endpoint = wrapClientTLS(client_tls_creator(host, fingerprint=a.fingerprint), endpoint)
-    factory: Factory = Factory.forProtocol(lambda: Inbound(endpoint))
+    factory: IProtocolFactory = Factory.forProtocol(lambda: Inbound(endpoint))
     if a.tls_server:
         factory = TLSMemoryBIOFactory(load_server_tls(a.cert, a.key), False, factory)
-    TCP4ServerEndpoint(reactor, a.listen, backlog=1024, interface=a.bind).listen(factory)
-    reactor.run()  # type: ignore[attr-defined]
+    # Twisted's endpoint constructors and listen() are untyped.
+    server = TCP4ServerEndpoint(reactor, a.listen, backlog=1024, interface=a.bind)  # type: ignore[no-untyped-call]
+    server.listen(factory)  # type: ignore[no-untyped-call]
+    reactor.run()
     return 0
 
 

@@ -136,6 +136,8 @@ class ScenarioReport:
     data: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     seconds: float | None = None
+    # Why the scenario did not run (e.g. no link emulator): not an error.
+    skipped: str | None = None
 
     def add(self, result: Result) -> Result:
         self.results.append(result)
@@ -183,6 +185,7 @@ class ScenarioReport:
             d.get("data", {}),
             d.get("error"),
             d.get("seconds"),
+            d.get("skipped"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -196,6 +199,7 @@ class ScenarioReport:
             "data": self.data,
             "error": self.error,
             "seconds": self.seconds,
+            "skipped": self.skipped,
         }
 
 
@@ -298,6 +302,8 @@ def format_table(scenarios: Sequence[ScenarioReport]) -> str:
     for sc in scenarios:
         cc = f", cc {sc.congestion_control}" if sc.congestion_control else ""
         out += [f"### {sc.title}{cc}", ""]
+        if sc.skipped:
+            out += [f"**skipped:** {sc.skipped}", ""]
         if sc.error:
             out += [f"**error:** {sc.error}", ""]
         figures = [r for r in sc.results if r.kind != "ratio"]

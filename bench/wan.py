@@ -1,8 +1,11 @@
 """WAN scenario: goodput over an emulated long, lossy or fast link.
 
-The link is the shared wanem emulator (``setup.sh up/down``, a userspace
-emulator between namespaces ``wa`` 10.199.1.1 and ``wb`` 10.199.1.2), or
-kernel netem on a veth pair when ``tc ... netem`` works on this kernel.
+Needs root and network namespaces.  The link comes from
+:func:`bench.link.find_link`: a wanem-style userspace emulator named by
+``--wanem DIR`` or ``$STRIPE_WANEM`` (``setup.sh up/down``, between
+namespaces ``wa`` 10.199.1.1 and ``wb`` 10.199.1.2), else kernel netem on a
+veth pair when this kernel has it; with neither, the scenario is skipped
+with a message saying how to get one.
 The sender and stripe-client run in ``wa``; stripe-server and the sink in
 ``wb`` (the server reaches the sink on ``wb``'s loopback).  For every
 profile x congestion control, each repetition runs back to back, ``--time``
@@ -22,15 +25,24 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from bench.common import Context, send_argv, transfer
+from bench.common import Context, send_argv, skip, transfer
 from bench.latency import ttfb_argv
+from bench.link import (
+    HOW_TO,
+    IP_B,
+    NS_A,
+    NS_B,
+    Link,
+    available,
+    describe,
+    find_link,
+    ns_exists,
+    sh,
+)
 from bench.procs import (
     BenchError,
     Proc,
@@ -47,8 +59,6 @@ from bench.stats import Goal, Result, ScenarioReport, median
 
 log = logging.getLogger("bench.wan")
 
-NS_A, NS_B = "wa", "wb"
-IP_A, IP_B = "10.199.1.1", "10.199.1.2"
 SINK_PORT = 5301
 SERVER_PORT = 8443
 
@@ -76,133 +86,6 @@ def goals_for(profile: str, cc: str) -> dict[str, Goal]:
     return {"vs direct": Goal(">=", 0.95, ">= 0.95 x direct")}
 
 
-def ns_exists(name: str) -> bool:
-    return Path(f"/var/run/netns/{name}").exists()
-
-
-def _sh(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
-    if check and r.returncode != 0:
-        raise BenchError(f"{' '.join(argv)} failed: {r.stderr.strip() or r.stdout.strip()}")
-    return r
-
-
-def netem_works() -> bool:
-    """Whether ``tc qdisc add ... netem`` works here (tried in a throwaway namespace)."""
-    probe = f"sbprobe{os.getpid()}"
-    if _sh(["ip", "netns", "add", probe], check=False).returncode != 0:
-        return False
-    try:
-        r = _sh(
-            ["tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"], False
-        )
-        return r.returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-    finally:
-        _sh(["ip", "netns", "del", probe], check=False)
-
-
-class Link:
-    """The emulated link between ``wa`` and ``wb``."""
-
-    kind = ""
-
-    def up(
-        self, delay: float, loss: float, rate: float, cc: str, extra: Sequence[str] = ()
-    ) -> None:
-        """Bring the link up; ``extra`` are emulator options (wanem only)."""
-        raise NotImplementedError
-
-    def down(self) -> str:
-        raise NotImplementedError
-
-    def emulator_pid(self) -> int | None:
-        return None
-
-
-@dataclass
-class Wanem(Link):
-    """The shared userspace emulator, driven only through its ``setup.sh``."""
-
-    directory: Path
-    kind = "wanem (userspace linkem)"
-
-    def up(
-        self, delay: float, loss: float, rate: float, cc: str, extra: Sequence[str] = ()
-    ) -> None:
-        argv = [str(self.directory / "setup.sh"), "up", "--delay", f"{delay:g}"]
-        argv += ["--loss", f"{loss:g}", "--rate", f"{rate:g}", "--cc", cc, *extra]
-        _sh(argv)
-
-    def down(self) -> str:
-        r = _sh([str(self.directory / "setup.sh"), "down"], check=False)
-        return r.stdout + r.stderr
-
-    def emulator_pid(self) -> int | None:
-        try:
-            run = os.environ.get("WANEM_RUN", "/run/wanem")
-            return int(Path(run, "linkem.pid").read_text())
-        except (OSError, ValueError):
-            return None
-
-
-class Netem(Link):
-    """Kernel netem on a veth pair, same names and addresses as wanem."""
-
-    kind = "netem (veth)"
-
-    def up(
-        self, delay: float, loss: float, rate: float, cc: str, extra: Sequence[str] = ()
-    ) -> None:
-        if extra:
-            raise BenchError(f"netem cannot do {' '.join(extra)}")
-        for ns in (NS_A, NS_B):
-            _sh(["ip", "netns", "add", ns])
-            _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _sh(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_no_metrics_save=1"])
-            _sh(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-qw",
-                    f"net.ipv4.tcp_congestion_control={cc}",
-                ]
-            )
-        _sh(
-            [
-                "ip",
-                "link",
-                "add",
-                "tw0",
-                "netns",
-                NS_A,
-                "type",
-                "veth",
-                "peer",
-                "tw1",
-                "netns",
-                NS_B,
-            ]
-        )
-        for ns, dev, ip in ((NS_A, "tw0", IP_A), (NS_B, "tw1", IP_B)):
-            _sh(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
-            _sh(["ip", "-n", ns, "link", "set", dev, "up"])
-            netem = ["delay", f"{delay:g}ms", "loss", f"{loss:g}%", "limit", "1000"]
-            if rate:
-                netem += ["rate", f"{rate:g}mbit"]
-            _sh(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "netem", *netem])
-
-    def down(self) -> str:
-        for ns in (NS_A, NS_B):
-            if ns_exists(ns):
-                _sh(["ip", "netns", "del", ns], check=False)
-        return "netem down"
-
-
 def keep_idle_connections_warm() -> None:
     """Turn off TCP's slow start after idle in both namespaces.
 
@@ -215,20 +98,15 @@ def keep_idle_connections_warm() -> None:
     set the same sysctl; fresh connections (direct, K x TCP) are unaffected.
     """
     for ns in (NS_A, NS_B):
-        _sh(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_slow_start_after_idle=0"])
-
-
-def make_link(ctx: Context) -> Link:
-    return Netem() if netem_works() else Wanem(ctx.wanem_dir)
+        sh(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_slow_start_after_idle=0"])
 
 
 def run(ctx: Context) -> list[ScenarioReport]:
-    if os.geteuid() != 0:
-        sc = ScenarioReport("wan", "wan", None, {})
-        sc.error = "needs root (network namespaces)"
-        return [sc]
-    link = make_link(ctx)
-    log.info("wan: using %s", link.kind)
+    """Every profile x cc over the link :func:`bench.link.find_link` finds, or one skip."""
+    link = available(lambda: find_link(ctx.wanem, os.environ), HOW_TO)
+    if isinstance(link, str):
+        return skip(ctx, "wan", "wan", link)
+    log.info("wan: using %s", describe(link))
     reports = []
     for cc in ctx.ccs:
         for prof in ctx.profiles:
@@ -246,7 +124,7 @@ def run(ctx: Context) -> list[ScenarioReport]:
                     "k": list(ctx.ks),
                     "reps": ctx.reps,
                     "tls": ctx.wan_tls,
-                    "link": link.kind,
+                    "link": describe(link),
                 },
             )
             try:

@@ -12,12 +12,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from bench import traffic
+from bench import degraded, link, traffic, wan
+from bench.common import Context
 from bench.loopback import summarize_collapsed
+from bench.procs import Keys
 from bench.stats import (
     SCHEMA,
     Goal,
@@ -178,6 +181,147 @@ def test_table_shows_errors_and_notes() -> None:
     text = format_table([sc])
     assert "**error:** namespaces wa/wb already exist" in text
     assert "- link wanem" in text
+
+
+def test_a_skipped_scenario_says_why_and_round_trips() -> None:
+    sc = ScenarioReport("wan", "wan", None, {})
+    sc.skipped = "no link emulator"
+    assert "**skipped:** no link emulator" in format_table([sc])
+    assert "**error:**" not in format_table([sc])
+    data = json.loads(json.dumps(build_report(MACHINE, {}, [sc], "t0", None)))
+    assert validate_report(data) == []
+    assert ScenarioReport.from_json(data["scenarios"][0]).skipped == "no link emulator"
+
+
+# ------------------------------------------------------------ the link emulator
+
+
+def fake_wanem(directory: Path) -> Path:
+    directory.mkdir()
+    setup = directory / "setup.sh"
+    setup.write_text("#!/bin/sh\nexit 0\n")
+    setup.chmod(0o755)
+    return directory
+
+
+def netem(answer: bool) -> Callable[[], bool]:
+    """A stand-in for the netem probe (the real one needs root and creates a namespace)."""
+    return lambda: answer
+
+
+def test_emulator_option_beats_environment_beats_netem(tmp_path: Path) -> None:
+    opt, env = fake_wanem(tmp_path / "opt"), fake_wanem(tmp_path / "env")
+    environ = {link.ENV: str(env)}
+
+    chosen = link.find_link(opt, environ, netem(True))
+    assert isinstance(chosen, link.Wanem)
+    assert (chosen.directory, chosen.source) == (opt, "--wanem")
+    assert link.describe(chosen) == "wanem (userspace linkem) from --wanem"
+
+    chosen = link.find_link(None, environ, netem(True))
+    assert isinstance(chosen, link.Wanem)
+    assert (chosen.directory, chosen.source) == (env, "$STRIPE_WANEM")
+
+    chosen = link.find_link(None, {link.ENV: "  "}, netem(True))
+    assert isinstance(chosen, link.Netem)
+    assert link.describe(chosen) == "netem (veth)"
+
+
+def test_without_any_emulator_the_error_says_how_to_get_one() -> None:
+    with pytest.raises(link.NoEmulator) as caught:
+        link.find_link(None, {}, netem(False))
+    message = str(caught.value)
+    for hint in ("no link emulator", "netem", "modprobe sch_netem", "--wanem DIR", "STRIPE_WANEM"):
+        assert hint in message, hint
+    assert link.find_wanem(None, {}) is None
+
+
+def test_a_named_emulator_that_is_not_there_is_an_error_not_a_fallback(tmp_path: Path) -> None:
+    # netem works, but the user asked for a directory: say what is wrong with it.
+    with pytest.raises(link.NoEmulator, match=r"--wanem .*nowhere: no setup\.sh there"):
+        link.find_link(tmp_path / "nowhere", {}, netem(True))
+    with pytest.raises(link.NoEmulator, match=r"\$STRIPE_WANEM .*nowhere: no setup\.sh"):
+        link.find_link(None, {link.ENV: str(tmp_path / "nowhere")}, netem(True))
+    not_executable = fake_wanem(tmp_path / "plain")
+    (not_executable / "setup.sh").chmod(0o644)
+    if not os.access(not_executable / "setup.sh", os.X_OK):  # root may execute anything
+        with pytest.raises(link.NoEmulator, match="not executable"):
+            link.find_link(not_executable, {}, netem(True))
+
+
+def context(tmp_path: Path, wanem: Path | None = None) -> Context:
+    reports: list[ScenarioReport] = []
+    ctx = Context(tmp_path, 1, True, Keys(tmp_path, "sha256:00"), wanem=wanem)
+    ctx.extra["on_report"] = reports.append
+    ctx.extra["reports"] = reports
+    return ctx
+
+
+def test_wan_scenarios_are_skipped_with_the_how_to_when_there_is_no_emulator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(link, "netem_works", lambda: False)
+    monkeypatch.delenv(link.ENV, raising=False)
+    ctx = context(tmp_path)
+    (sc,) = wan.run(ctx)
+    assert sc.name == "wan" and sc.error is None and sc.skipped == link.HOW_TO
+    (sc,) = degraded.run(ctx)
+    assert sc.name == "degraded" and sc.error is None
+    assert sc.skipped == link.HOW_TO_PER_FLOW and "netem cannot" in sc.skipped
+    assert [r.name for r in ctx.extra["reports"]] == ["wan", "degraded"]
+
+
+def test_wan_scenarios_are_skipped_without_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    probed: list[str] = []
+
+    def netem_works() -> bool:
+        probed.append("netem")
+        return True
+
+    monkeypatch.setattr(link, "netem_works", netem_works)
+    ctx = context(tmp_path, fake_wanem(tmp_path / "wanem"))
+    for run in (wan.run, degraded.run):
+        (sc,) = run(ctx)
+        assert sc.skipped == link.NEEDS_ROOT and "root" in sc.skipped
+    assert probed == []
+
+
+def test_bench_skips_wan_and_says_why_from_the_command_line(tmp_path: Path) -> None:
+    """``python -m bench`` with a wrong $STRIPE_WANEM: a skip with the reason, exit 0."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), STRIPE_WANEM=str(tmp_path / "nowhere"))
+    argv = [sys.executable, "-m", "bench", "--scenarios", "wan", "--out", str(out)]
+    r = subprocess.run(
+        argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sc,) = json.loads(out.read_text())["scenarios"]
+    reason = link.NEEDS_ROOT if os.geteuid() != 0 else "$STRIPE_WANEM"
+    assert sc["error"] is None and reason in sc["skipped"]
+    assert f"wan skipped: {sc['skipped']}" in r.stderr
+    assert f"**skipped:** {sc['skipped']}" in r.stdout
+
+
+def test_no_development_machine_path_in_the_repository() -> None:
+    """Nothing in the checkout points at the machine it was developed on."""
+    needle = "/" + "work" + "/"
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=False
+    ).stdout.split(b"\0")
+    if not any(tracked):
+        pytest.skip("not a git checkout")
+    hits = [
+        name.decode()
+        for name in tracked
+        if name
+        and (ROOT / name.decode()).is_file()
+        and needle.encode() in (ROOT / name.decode()).read_bytes()
+    ]
+    assert hits == []
 
 
 # ------------------------------------------------------------ helpers

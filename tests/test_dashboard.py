@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pyte
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rich.console import Console
+from rich.segment import Segments
 from twisted.internet.task import Clock
 
 from stripeproxy.net.driver import StreamInfo, SubflowInfo
-from stripeproxy.ops.dashboard import LogTail, human_bytes, human_rate, render
+from stripeproxy.ops.dashboard import (
+    Dashboard,
+    LogTail,
+    _Fit,
+    _Frame,
+    human_bytes,
+    human_rate,
+    render,
+)
 from stripeproxy.ops.observe import Monitor, Snapshot, StreamRow, SubflowRow
 
 MiB = 1024 * 1024
@@ -162,3 +174,196 @@ def test_dashboard_shows_network_values_escaped_and_never_as_markup() -> None:
     (logged,) = [y for y, line in enumerate(lines) if "quoted" in line]
     assert "stream 9 -> [bold]quoted[/bold] \\x0a" in lines[logged]
     assert not any(screen.buffer[logged][x].bold for x in range(160))
+
+
+# ------------------------------------------------------------ small terminals
+
+
+def _live_screen(renderable: object, columns: int, lines: int) -> tuple[list[str], int]:
+    """Replay a frame the way ``rich.live`` draws it: its lines, no newline after the last.
+
+    Returns the screen and how many lines the frame had (more than ``lines``
+    would scroll the top off a real terminal, or be cut by Live).
+    """
+    out = io.StringIO()
+    console = Console(
+        file=out, width=columns, height=lines, force_terminal=True, color_system="standard"
+    )
+    rendered = console.render_lines(renderable, console.options, pad=False)  # type: ignore[arg-type]
+    for i, line in enumerate(rendered):
+        console.print(Segments(line), end="")
+        if i < len(rendered) - 1:
+            out.write("\r\n")
+    screen = pyte.Screen(columns, lines)
+    pyte.Stream(screen).feed(out.getvalue())
+    return [line.rstrip() for line in screen.display], len(rendered)
+
+
+def _busy(subflows: int = 6, streams: int = 5) -> Snapshot:
+    """A client at full speed: wide figures (``130.0 KiB/s``) in every cell."""
+    rates = {"tx_real": 12.5 * MiB, "tx_dummy": 130 * 1024.0, "rx_real": 1.5 * MiB}
+    rates["rx_dummy"] = 20 * 1024.0
+    return Snapshot(
+        role="client",
+        time=100.0,
+        window=10.0,
+        sessions=1,
+        subflows=[
+            SubflowRow(
+                "a1b2c3d4",
+                sid,
+                f"203.0.113.7:{40000 + sid}",
+                sid != 3,
+                41.25 + sid,
+                512 * 1024 * sid,
+                {},
+                dict(rates),
+                3 * MiB * sid,
+            )
+            for sid in range(1, subflows + 1)
+        ],
+        streams=[
+            StreamRow(
+                "a1b2c3d4",
+                2 * i + 1,
+                f"download{i}.example.com:443",
+                120.0,
+                900 * MiB,
+                1500 * MiB,
+                25.5 * MiB,
+                1.5 * MiB * (i + 1),
+            )
+            for i in range(streams)
+        ],
+        rates={k: v * subflows for k, v in rates.items()},
+        retransmitted=63 * MiB,
+        subflows_lost=2,
+        redials=1,
+        buffered=256 * 1024,
+    )
+
+
+LOG = [
+    f"2026-12-01T08:0{i}:00+0000 [stripeproxy.net.client#info] event {i} " + "x" * 60
+    for i in range(8)
+]
+
+# A figure cut short by the terminal: "MiB…", "KiB/…", "12.5…".
+CUT_FIGURE = re.compile(r"(\d|B|/s|/)…")
+
+
+def _cells(line: str) -> list[str]:
+    return line.split()
+
+
+def test_dashboard_at_80x24_keeps_every_section_and_whole_figures() -> None:
+    screen, height = _live_screen(render(_busy(), LOG, (80, 24)), 80, 24)
+    text = "\n".join(screen)
+    assert height <= 24
+    assert screen[0].startswith("stripe-client  sessions 1  subflows 6  streams 5")
+    assert "re-dials 1" in text and "retransmitted 63.0 MiB" in text  # header wrapped, not cut
+    assert not CUT_FIGURE.search(text), text
+    # Every subflow, its figures whole; the columns that did not fit are named.
+    title = next(line for line in screen if line.startswith("subflows"))
+    assert "too narrow for: session, peer" in title
+    rows = [_cells(line) for line in screen if re.match(r"\d ", line)]
+    assert [r[0] for r in rows[:6]] == ["1", "2", "3", "4", "5", "6"]
+    assert rows[2][1:6] == ["full", "44.2", "12.5", "MiB/s", "130.0"]
+    total = next(line for line in screen if "total" in line)
+    assert "75.0 MiB/s" in total and "63.0 MiB" in total
+    # The streams section, busiest first, with whole targets.
+    assert any(line.startswith("streams") for line in screen)
+    stream_rows = [line for line in screen if "example.com:443" in line]
+    assert len(stream_rows) == 5
+    assert _cells(stream_rows[0])[:2] == ["9", "download4.example.com:443"]
+    assert _cells(stream_rows[0])[-2:] == ["7.5", "MiB/s"]
+    # The log section, with the newest lines.
+    assert any(line.startswith("log ─") for line in screen)
+    assert screen[-1].startswith("2026-12-01T08:07:00+0000 [stripeproxy.net.client#info] event 7")
+
+
+def test_dashboard_says_what_it_left_out_when_short() -> None:
+    screen, height = _live_screen(render(_busy(subflows=8, streams=30), LOG, (80, 24)), 80, 24)
+    text = "\n".join(screen)
+    assert height <= 24
+    assert not CUT_FIGURE.search(text), text
+    assert len([line for line in screen if re.match(r"\d ", line)]) == 8  # all subflows
+    shown = [line for line in screen if "example.com:443" in line]
+    assert 1 <= len(shown) <= 3
+    assert _cells(shown[0])[1] == "download29.example.com:443"  # the busiest
+    assert f"… {30 - len(shown)} more streams (the busiest are shown)" in text
+    assert any(line.startswith("log ─") for line in screen)
+    assert "event 7" in screen[-1]
+
+
+def test_dashboard_too_small_says_so() -> None:
+    screen, height = _live_screen(render(_busy(subflows=8, streams=30), LOG, (80, 12)), 80, 12)
+    assert height <= 12
+    assert screen[0].startswith("stripe-client")
+    assert any("terminal 80x12 is too small for the tables" in line for line in screen)
+
+
+def test_a_wide_terminal_gets_the_boxed_layout_unchanged() -> None:
+    snapshot = _snapshot()
+    sized, _ = _live_screen(render(snapshot, ["a log line"], (160, 40)), 160, 40)
+    unsized, _ = _live_screen(render(snapshot, ["a log line"]), 160, 40)
+    assert sized == unsized
+    assert any(line.startswith("┏━") for line in sized)
+    assert any(re.match(r"│ a1b2c3d4 +│ 1 ", line) for line in sized)
+
+
+def test_log_lines_are_shown_as_written_not_as_markup() -> None:
+    line = "[stripeproxy.net.client#info] target [bold]evil[/bold] [/x]"
+    for size in (None, (80, 24)):
+        screen, _ = _live_screen(render(_snapshot(), [line], size), 160 if size is None else 80, 40)
+        assert any(line in row for row in screen), (size, screen)
+
+
+def test_dashboard_service_draws_for_its_terminal_size() -> None:
+    """The running dashboard passes the terminal's size: at 80x24 nothing is dropped."""
+    out = io.StringIO()
+    console = Console(file=out, width=80, height=24, force_terminal=True, color_system="standard")
+    monitor = Monitor("client", Clock(), lambda: [])
+    dashboard = Dashboard(monitor, console)
+    dashboard.startService()
+    try:
+        for text in LOG:
+            dashboard.tail({"log_format": "{text}", "text": text})
+        (draw,) = monitor.listeners
+        draw(_busy())
+    finally:
+        dashboard.stopService()
+    screen = pyte.Screen(80, 24)
+    pyte.Stream(screen).feed(out.getvalue().replace("\n", "\r\n"))
+    text = "\n".join(line.rstrip() for line in screen.display)
+    assert "download4.example.com:443" in text and "log ─" in text and "event 7" in text
+    assert not CUT_FIGURE.search(text), text
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    width=st.integers(30, 220),
+    subflows=st.integers(0, 12),
+    streams=st.integers(0, 30),
+    logs=st.integers(0, 8),
+    compact=st.booleans(),
+    limits=st.tuples(
+        st.none() | st.integers(0, 12), st.integers(0, 20), st.none() | st.integers(0, 8)
+    ),
+)
+def test_counted_height_is_the_drawn_height(
+    width: int,
+    subflows: int,
+    streams: int,
+    logs: int,
+    compact: bool,
+    limits: tuple[int | None, int, int | None],
+) -> None:
+    """The dashboard plans a frame by counting lines (it must not draw it twice a second
+    to find out); the count must be what rich then draws, or a frame planned to fill
+    the terminal would lose its last lines."""
+    frame = _Frame(_busy(subflows, streams), LOG[:logs], width)
+    fit = _Fit(width, compact, *limits)
+    console = Console(file=io.StringIO(), width=width, height=1000)
+    drawn = console.render_lines(frame.draw(fit), console.options, pad=False)
+    assert len(drawn) == frame.height(fit)
