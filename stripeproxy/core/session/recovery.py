@@ -313,14 +313,22 @@ class Recovery:
     # ---------------------------------------------------------------- queries
 
     def deadlines(self) -> list[float]:
-        """Heartbeat, silence, RTO and re-injection deadlines."""
+        """Heartbeat, silence, RTO and re-injection deadlines.
+
+        Runs after every input (the driver re-arms its timer), so it is
+        :meth:`rto_expiry` written out for each subflow.
+        """
         cfg = self.config
+        heartbeat, dead, max_rto = cfg.heartbeat_interval, cfg.dead_interval, cfg.max_rto
         out: list[float] = []
+        append = out.append
         for sf in self.subflow_list:
-            out.append(min(sf.last_tx + cfg.heartbeat_interval, sf.last_rx + cfg.dead_interval))
-            expiry = self.rto_expiry(sf)
-            if expiry is not None:
-                out.append(expiry)
+            tx, rx = sf.last_tx + heartbeat, sf.last_rx + dead
+            append(tx if tx < rx else rx)
+            if sf.sent:
+                chunk = sf.oldest()
+                if chunk is not None:
+                    append(chunk.sent_at + min(max_rto, self.rto(sf) * (1 << chunk.retries)))
         out.extend(self.reinject_checks.values())
         return out
 
