@@ -252,6 +252,17 @@ class Pair:
         assert driver is not None, "the client has no session"
         return driver
 
+    def assert_fault_free(self) -> None:
+        """A run without faults: no subflow was lost, no chunk timed out and
+        no byte was sent twice, on either side."""
+        for side, driver in (("client", self.client_driver()), ("server", self.server_driver())):
+            counters = driver.counters()
+            wasted = {
+                name: counters[name]
+                for name in ("subflows_lost", "timeouts", "retransmitted", "reinjected")
+            }
+            assert not any(wasted.values()), f"{side}: {wasted}"
+
     def established(self) -> bool:
         driver = self.client.driver
         sessions = self.server.sessions

@@ -35,7 +35,7 @@ from stripeproxy.cli import server_tap
 from stripeproxy.cli.options import MIN_MAX_FRAME_KIB
 from stripeproxy.core import wire
 from stripeproxy.core.session import MiB
-from stripeproxy.testing import C2S, CLIENT, S2C, SessionPair
+from stripeproxy.testing import C2S, CLIENT, S2C, SERVER, SessionPair
 
 GARBAGE_CONNECTIONS = 1000
 SLOWLORIS = 200
@@ -163,9 +163,21 @@ def test_random_frames_never_crash_the_core(
         alive = pair.alive
         if not alive:
             break
+        before = {side: len(pair.owner(side).closed_subflows) for side in (CLIENT, SERVER)}
         pair.inject(alive[0], direction, [frame])  # type: ignore[arg-type]
         pair.deliver_all()
+        # The frame was refused by closing the one subflow it came on (or the
+        # whole session), or it was harmless: nothing else was dropped.
+        receiver = SERVER if direction == C2S else CLIENT
+        for side in (CLIENT, SERVER):
+            closed = pair.owner(side).closed_subflows[before[side] :]
+            assert all(reason for _, reason in closed), closed
+            if side != receiver and not pair.owner(side).session_closes:
+                assert closed == [], (side, closed)
     pair.shutdown()
+    for side in (CLIENT, SERVER):
+        assert pair.owner(side).session_closes, side  # both ended, saying why
+    assert pair.clock.getDelayedCalls() == []
 
 
 def oversized_auth(port: int) -> bytes:

@@ -92,6 +92,7 @@ async def test_echo_with_half_close(cleanup, keys, tls, size):
     print(f"\necho {mode(tls)} K={pair.k}: {throughput(size, result.seconds)} each way")
     check_echo(result, size)
     assert target.factory.connections == 1
+    pair.assert_fault_free()
 
 
 # -------------------------------------------------------------- 2. download
@@ -113,6 +114,7 @@ async def test_download(cleanup, keys, tls):
     body, digest = data[:-32], data[-32:]
     assert digest == target.factory.digest
     assert hashlib.sha256(body).digest() == digest
+    pair.assert_fault_free()
 
 
 # ------------------------------------------------------ slow local readers
@@ -239,6 +241,7 @@ async def test_fifty_concurrent_streams(cleanup, keys, tls):
         lambda: not pair.client_driver().stream_count and not pair.server_driver().stream_count,
         "both sessions to forget the finished streams",
     )
+    pair.assert_fault_free()
 
 
 # -------------------------------------------------------------- 4. striping
@@ -262,6 +265,7 @@ async def test_striping_uses_every_subflow(cleanup, keys, tls):
         assert total >= size  # payload, plus the control stream's messages
         for sid, n in shares.items():
             assert n >= 0.03 * total, f"{side} subflow {sid} carried {percent[sid]}%"
+    pair.assert_fault_free()
 
 
 # ------------------------------------------------------------------ 5. curl

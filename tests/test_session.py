@@ -1249,6 +1249,19 @@ def test_random_schedules_deliver_every_byte(
         run_schedule(config, initial, ops, seed, capacity, 8 * KiB)
 
 
+def assert_within_credit(pair: SessionPair) -> None:
+    """No sender has sent past its credit, and no sender believes in more
+    credit than its peer granted (the limit only comes from the peer's ACKs)."""
+    for who, peer in ((CLIENT, SERVER), (SERVER, CLIENT)):
+        mine = pair.session(who)._streams
+        theirs = pair.session(peer)._streams
+        for stream_id, stream in mine.items():
+            assert stream.send.next_offset <= stream.send.limit, (who, stream_id)
+            other = theirs.get(stream_id)
+            if other is not None:
+                assert stream.send.limit <= other.recv.advertised, (who, stream_id)
+
+
 def run_schedule(
     config: SessionConfig,
     initial: list[int],
@@ -1310,6 +1323,7 @@ def run_schedule(
             pair.write(who, stream_id, data)
         for who in SIDES:
             assert pair.session(who).buffered_bytes() <= bound
+        assert_within_credit(pair)
 
     # Heal the network, let every local peer read and finish, and settle.
     if not pair.alive:
