@@ -96,22 +96,16 @@ class AdaptiveScheduler:
         if len(healthy) > 1 and self._picks % self.probe_every == 0:
             choice = min(healthy, key=lambda sf: self._last_pick.get(sf.sid, -1))
         else:
-            # One plain loop: this runs once per chunk, and a key function per
-            # subflow showed in the profile at K = 6.
-            best_rate = max(sf.goodput for sf in healthy)
-            chunk = self.chunk
-            choice = healthy[0]
-            best = float("inf")
-            for sf in healthy:
-                rate = sf.goodput or best_rate
-                if rate <= 0:
-                    when = float(sf.inflight)  # nothing measured anywhere yet: least queued
-                else:
-                    when = (sf.inflight + chunk) / rate + (sf.srtt or 0.0) / 2
-                if when < best:
-                    best, choice = when, sf
+            best_rate = max((sf.goodput for sf in healthy), default=0.0)
+            choice = min(healthy, key=lambda sf: self._delivery_time(sf, best_rate))
         self._last_pick[choice.sid] = self._picks
         return choice
+
+    def _delivery_time(self, sf: SubflowView, best_rate: float) -> float:
+        rate = sf.goodput or best_rate
+        if rate <= 0:
+            return float(sf.inflight)  # nothing measured anywhere yet: least queued
+        return (sf.inflight + self.chunk) / rate + (sf.srtt or 0.0) / 2
 
 
 SCHEDULERS = ("adaptive", "least-queued")

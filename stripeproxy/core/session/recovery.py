@@ -15,10 +15,6 @@ from stripeproxy.core.session.stream import Chunk, Stream
 
 #: The cumulative byte counters of a subflow (and of the session).
 DIRECTIONS = ("tx_real", "tx_dummy", "rx_real", "rx_dummy")
-#: A subflow this many times slower (by RTT) than the fastest other one holds
-#: a hole long enough that a copy on the fast one arrives first (see
-#: :meth:`Recovery.reinject`).
-SLOW_FACTOR = 4.0
 
 
 class SubflowState:
@@ -107,12 +103,8 @@ class Recovery:
         # Streams whose head-of-line chunk may need re-injection, and when.
         self.reinject_checks: dict[Stream, float] = {}
         self.retransmitted = 0
-        self.reinjected = 0  # bytes re-sent to unblock a hole (head-of-line)
+        self.reinjected = 0
         self.timeouts = 0
-        # Bytes queued to go again, by cause (some are acknowledged before they
-        # go, so these bound what the timeouts and lost subflows cost).
-        self.requeued_timeout = 0
-        self.requeued_lost = 0
         self.subflows_lost = 0
         self._retired = dict.fromkeys(DIRECTIONS, 0)  # counters of subflows gone
 
@@ -143,7 +135,6 @@ class Recovery:
                     chunk.sid = None
                     chunk.avoid = None
                     requeue.append(chunk)
-                    self.requeued_lost += len(chunk.data)
             if send.unacked and send.fin_offset is not None and send.next_offset == send.fin_offset:
                 # The peer may have received everything and finished the stream;
                 # then it cannot repeat a final ACK lost with this subflow.  Send
@@ -153,7 +144,6 @@ class Recovery:
                 if chunk.sid is not None:
                     self.release(chunk)
                     requeue.append(chunk)
-                    self.requeued_lost += len(chunk.data)
         if len(self.subflow_list) < 2:
             self.reinject_checks.clear()  # nowhere else to re-inject to
         return requeue
@@ -239,7 +229,6 @@ class Recovery:
                 continue
             self.release(chunk)
             requeue.append(chunk)
-            self.requeued_timeout += len(chunk.data)
         sf.sent.extend(kept)
         probe = expired and not sf.suspect
         if probe:
@@ -251,14 +240,17 @@ class Recovery:
     def reinject(self, st: Stream, head: Chunk, now: float) -> bool:
         """The receiver holds a quarter of the window beyond a hole: True if the
         hole (``head``) should go again now, on a faster subflow (at most once
-        per chunk); the caller re-queues it first in line.  When is in
-        :meth:`reinject_due`; a check that is not due yet is planned for then.
+        per chunk); the caller re-queues it first in line.
+
+        "Slow" means the chunk is older than twice the fastest other subflow's
+        RTT; if it is not yet, the check is planned for when it would be.
         """
         if head.reinjected or head.sid is None or len(self.subflow_list) < 2:
             return False
-        due = self.reinject_due(head)
-        if due is None:
+        others = [sf.srtt for sf in self.subflow_list if sf.sid != head.sid and sf.srtt is not None]
+        if not others:
             return False
+        due = head.sent_at + 2 * min(others) + self.config.ack_delay
         if now < due:
             self.reinject_checks[st] = due
             return False
@@ -267,41 +259,6 @@ class Recovery:
         self.reinjected += len(head.data)
         self.release(head)
         return True
-
-    def reinject_due(self, head: Chunk) -> float | None:
-        """When the hole ``head`` counts as stuck (None: no other subflow measured).
-
-        A copy only helps if it beats the original.  Where the head's subflow
-        is *slow* -- another subflow has a quarter of its RTT and another
-        delivers four times its goodput (:data:`SLOW_FACTOR`) -- a copy on a
-        fast one arrives first, so the head goes again once it is older than
-        twice the fastest other subflow's RTT.  Otherwise the head must be
-        overdue on its *own* subflow, by the measure of a timeout without its
-        floor (twice its RTT plus four deviations).
-
-        Both tests matter on a loss-free path.  RTT samples include the
-        queueing a chunk meets on its subflow (the transport's buffer, the
-        kernel's backlog, the receiver's turn to read it), so the subflow the
-        scheduler keeps busiest has the longest RTT without being slow: it
-        also has the highest goodput.  Comparing a head's age with the RTT
-        of an idle subflow alone re-sent ordinary queueing (issue 11: 0.2 %
-        of a loopback transfer went twice).
-        """
-        others = [sf for sf in self.subflow_list if sf.sid != head.sid and sf.srtt is not None]
-        if not others:
-            return None
-        fastest = min(sf.srtt for sf in others if sf.srtt is not None)
-        ack_delay = self.config.ack_delay
-        due = head.sent_at + 2 * fastest + ack_delay
-        own = self.subflows.get(head.sid) if head.sid is not None else None
-        if own is None or own.srtt is None:
-            return due  # nothing measured there: judged by the others alone
-        slow = own.srtt >= SLOW_FACTOR * fastest and SLOW_FACTOR * own.goodput <= max(
-            sf.goodput for sf in others
-        )
-        if slow:
-            return due
-        return max(due, head.sent_at + 2 * own.srtt + 4 * own.rttvar + ack_delay)
 
     def due_checks(self, now: float) -> list[Stream]:
         """Streams whose planned re-injection check is due (and no longer planned)."""
@@ -313,22 +270,14 @@ class Recovery:
     # ---------------------------------------------------------------- queries
 
     def deadlines(self) -> list[float]:
-        """Heartbeat, silence, RTO and re-injection deadlines.
-
-        Runs after every input (the driver re-arms its timer), so it is
-        :meth:`rto_expiry` written out for each subflow.
-        """
+        """Heartbeat, silence, RTO and re-injection deadlines."""
         cfg = self.config
-        heartbeat, dead, max_rto = cfg.heartbeat_interval, cfg.dead_interval, cfg.max_rto
         out: list[float] = []
-        append = out.append
         for sf in self.subflow_list:
-            tx, rx = sf.last_tx + heartbeat, sf.last_rx + dead
-            append(tx if tx < rx else rx)
-            if sf.sent:
-                chunk = sf.oldest()
-                if chunk is not None:
-                    append(chunk.sent_at + min(max_rto, self.rto(sf) * (1 << chunk.retries)))
+            out.append(min(sf.last_tx + cfg.heartbeat_interval, sf.last_rx + cfg.dead_interval))
+            expiry = self.rto_expiry(sf)
+            if expiry is not None:
+                out.append(expiry)
         out.extend(self.reinject_checks.values())
         return out
 
@@ -343,7 +292,5 @@ class Recovery:
         totals["retransmitted"] = self.retransmitted
         totals["reinjected"] = self.reinjected
         totals["timeouts"] = self.timeouts
-        totals["requeued_timeout"] = self.requeued_timeout
-        totals["requeued_lost"] = self.requeued_lost
         totals["subflows_lost"] = self.subflows_lost
         return totals
