@@ -4,6 +4,8 @@ each subflow reports (issue 11, item 1)."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 from pathlib import Path
 
@@ -281,3 +283,66 @@ def test_tune_socket_without_a_tcp_socket_reports_nothing() -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         assert tune_socket(_Transport(sock), "bbr") is None
     assert tune_socket(None, "bbr") is None
+
+
+def _in_unprivileged_child(requested: str) -> tuple[str, bool, str, str | None]:
+    """``decide`` and a real socket's algorithm, in a forked child that has
+    dropped root (uid nobody, so no CAP_NET_ADMIN)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            choice = decide(requested, read_kernel())
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                if choice.apply:
+                    sock.setsockopt(
+                        socket.IPPROTO_TCP, socket.TCP_CONGESTION, choice.algorithm.encode()
+                    )
+                used = in_use(sock)
+            os.write(
+                write_end,
+                json.dumps([choice.algorithm, choice.apply, choice.reason, used]).encode(),
+            )
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    algorithm, apply, reason, used = json.loads(data)
+    return algorithm, apply, reason, used
+
+
+def _not_allowed() -> list[str]:
+    return sorted(_REAL.available - _REAL.allowed - {_REAL.default})
+
+
+@pytest.mark.skipif(
+    not _PROC.exists() or os.geteuid() != 0 or not _not_allowed(),
+    reason="needs root (to drop it) and a loaded algorithm that is not allowed",
+)
+def test_real_unprivileged_process_falls_back_to_the_default() -> None:
+    """Available but not allowed, and no CAP_NET_ADMIN: the kernel refuses it,
+    and the choice said so beforehand (here, without root, for real)."""
+    name = _not_allowed()[0]
+    algorithm, apply, reason, used = _in_unprivileged_child(name)
+    assert (algorithm, apply, used) == (_REAL.default, False, _REAL.default)
+    assert f"cannot use --congestion {name}: {name} is not available" in reason
+    assert "not allowed" in reason
+
+
+@pytest.mark.skipif(
+    not _PROC.exists() or os.geteuid() != 0 or not _not_allowed(),
+    reason="needs root and a loaded algorithm that is not allowed",
+)
+def test_real_privileged_process_may_use_what_is_not_allowed() -> None:
+    """The same algorithm, as root: CAP_NET_ADMIN lets the socket take it."""
+    name = _not_allowed()[0]
+    choice = decide(name, _REAL)
+    assert (choice.algorithm, choice.apply) == (name, True)
+    assert choice.reason.endswith("(requested; available, privileged)")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        assert tune_socket(_Transport(sock), name) == name
