@@ -234,7 +234,12 @@ def test_read_kernel_from_injected_files(tmp_path: Path) -> None:
     # Not Linux: nothing is available, the default has no name.
     empty = read_kernel(tmp_path / "missing", status)
     assert empty == KernelCC(frozenset(), frozenset(), False, "default")
-    assert choose(AUTO, empty.available, empty.allowed, False, empty.default).apply is False
+    assert choose(AUTO, empty.available, empty.allowed, False, empty.default) == Choice(
+        "default",
+        False,
+        "default (system default): bbr is not available to this process "
+        "(the system lists no algorithms)",
+    )
 
 
 # ---------------------------------------------------------------- real sockets

@@ -50,6 +50,9 @@ def _why_not(
     name: str, available: Collection[str], allowed: Collection[str], privileged: bool
 ) -> str:
     """Why this process cannot set ``name`` ('' when it can)."""
+    if not available:
+        # macOS, Windows, or a /proc this process may not read.
+        return f"{name} is not available to this process (the system lists no algorithms)"
     if name not in available:
         return f"{name} is not available to this process (not loaded: modprobe tcp_{name})"
     if name not in allowed and not privileged:
