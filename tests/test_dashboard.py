@@ -219,6 +219,7 @@ def _busy(subflows: int = 6, streams: int = 5) -> Snapshot:
                 {},
                 dict(rates),
                 3 * MiB * sid,
+                cc="bbr" if sid != 2 else "cubic",
             )
             for sid in range(1, subflows + 1)
         ],
@@ -280,6 +281,25 @@ def test_dashboard_at_80x24_keeps_every_section_and_whole_figures() -> None:
     # The log section, with the newest lines.
     assert any(line.startswith("log ─") for line in screen)
     assert screen[-1].startswith("2026-12-01T08:07:00+0000 [stripeproxy.net.client#info] event 7")
+
+
+def test_dashboard_shows_each_subflows_congestion_control() -> None:
+    """A wide terminal shows the cc column; at 80 columns it goes right after the peer."""
+    screen = _screen_text(render(_busy(), LOG, (160, 40)), 160, 40)
+    header = next(line for line in screen if "RTT ms" in line)
+    assert _cells(header)[-1] == "cc" or header.rstrip(" ┃").endswith("cc"), header
+    rows = [line for line in screen if re.search(r"203\.0\.113\.7:4000\d", line)]
+    assert [line.rstrip(" ┃│").split()[-1] for line in rows] == [
+        "bbr",
+        "cubic",
+        "bbr",
+        "bbr",
+        "bbr",
+        "bbr",
+    ]
+    narrow, _ = _live_screen(render(_busy(), LOG, (80, 24)), 80, 24)
+    title = next(line for line in narrow if line.startswith("subflows"))
+    assert "too narrow for: session, peer, cc" in title
 
 
 def test_dashboard_says_what_it_left_out_when_short() -> None:

@@ -249,6 +249,51 @@ def test_env_examples_are_shell_free() -> None:
             assert shlex.split(value) == value.split(), f"{example}: {key}"
 
 
+# ------------------------------------------------ kernel: sysctl and modules
+
+
+def sysctl_settings(path: Path) -> dict[str, str]:
+    """``key = value`` lines of a sysctl.d file, as systemd-sysctl reads them."""
+    values = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"not key = value: {raw!r}"
+        values[key.strip()] = value.strip()
+    return values
+
+
+def test_sysctl_file_allows_bbr_for_the_unprivileged_units() -> None:
+    """--congestion auto wants BBR; the units run without CAP_NET_ADMIN, so the
+    sysctl file must list it as allowed, and keep the usual algorithms."""
+    settings = sysctl_settings(DEPLOY / "sysctl" / "90-stripeproxy.conf")
+    assert settings["net.ipv4.tcp_slow_start_after_idle"] == "0"
+    allowed = settings["net.ipv4.tcp_allowed_congestion_control"].split()
+    assert {"bbr", "cubic", "reno"} <= set(allowed), allowed
+    # The host default is the administrator's: only allowed, never imposed.
+    assert "net.ipv4.tcp_congestion_control" not in settings
+    # fq pacing is explained, and left to the administrator.
+    assert "net.core.default_qdisc" not in settings
+    assert (
+        "# net.core.default_qdisc = fq" in (DEPLOY / "sysctl" / "90-stripeproxy.conf").read_text()
+    )
+    for unit in ("stripe-server.service", "stripe-client.service"):
+        assert unit_settings(SYSTEMD / unit)["CapabilityBoundingSet"] == [""], unit
+
+
+def test_modules_load_file_loads_bbr() -> None:
+    """modules-load.d: one module name a line, '#' and ';' start comments."""
+    path = DEPLOY / "modules-load.d" / "stripeproxy.conf"
+    modules = [
+        line.strip()
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.strip().startswith(("#", ";"))
+    ]
+    assert modules == ["tcp_bbr"]
+
+
 # ------------------------------------------------------- scale-out: HAProxy
 
 

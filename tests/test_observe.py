@@ -22,7 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.internet import StreamServerEndpointService
 from twisted.web.server import Site
 
+from stripeproxy.core.congestion import AUTO
 from stripeproxy.core.session import KiB, MiB, Session
+from stripeproxy.net.congestion import decide, read_kernel
 from stripeproxy.net.driver import StreamInfo, SubflowInfo
 from stripeproxy.ops.observe import Monitor
 from stripeproxy.testing import CLIENT, SessionPair
@@ -141,6 +143,16 @@ async def test_metrics_endpoint_moves_during_a_transfer(cleanup: Cleanup, keys: 
     assert after[("stripeproxy_sessions", ())] == 1
     rtts = [v for (name, _), v in after.items() if name == "stripeproxy_subflow_rtt_seconds"]
     assert all(v >= 0 for v in rtts)
+    # Both taps default to --congestion auto; every subflow socket reports what it
+    # uses, and that is what the start-up decision said (issue 11, item 1).
+    expected = decide(AUTO, read_kernel()).algorithm
+    for scraped in (after, server):
+        ccs = [
+            dict(labels)["cc"]
+            for (name, labels) in scraped
+            if name == "stripeproxy_subflow_inflight_bytes"
+        ]
+        assert ccs == [expected] * 3, ccs
 
 
 async def pair_sample(pair: object) -> None:

@@ -23,6 +23,7 @@ from stripeproxy.cli.options import (
     file_problem,
     session_parameters,
 )
+from stripeproxy.net import congestion
 from stripeproxy.net.client import ClientSettings, Overlay, OverlayService
 from stripeproxy.net.client_subflow import SubflowFactory
 from stripeproxy.net.dial import DialEndpoint, DialService, DialSlot
@@ -194,7 +195,7 @@ def client_settings(options: Options, reactor: Any) -> ClientSettings:
         connect_wait=options["connect-wait"],
         drain_timeout=options["drain-timeout"],
         handshake_timeout=options["handshake-timeout"],
-        congestion=options["congestion"],
+        congestion=congestion.resolve(options["congestion"]),
         max_frame=options["max-frame"] * KiB,
     )
 

@@ -21,6 +21,7 @@ from twisted.python import usage
 
 from stripeproxy.cli.keygen import load_keys
 from stripeproxy.cli.listen import ListenService, loopback_only
+from stripeproxy.core.congestion import AUTO
 from stripeproxy.core.scheduler import SCHEDULERS
 from stripeproxy.core.session import SessionConfig
 from stripeproxy.net.dial import DialStatus
@@ -111,8 +112,11 @@ def session_parameters(settings: type[Any]) -> list[list[Any]]:
         [
             "congestion",
             None,
-            default_of(settings, "congestion"),
-            "TCP congestion control for subflows (e.g. cubic, bbr).",
+            # Not the settings' default (None: leave the kernel alone): the
+            # tap resolves "auto" once at start (net/congestion.py).
+            AUTO,
+            "TCP congestion control for subflows: auto (bbr where this process may "
+            "use it, else the system default) or a name (cubic, bbr, ...).",
         ],
         [
             "metrics",

@@ -26,6 +26,7 @@ from stripeproxy.cli.options import (
 )
 from stripeproxy.core.policy import Rule, TargetPolicy, parse_rule
 from stripeproxy.core.session import SessionConfig
+from stripeproxy.net import congestion
 from stripeproxy.net.access import AccessLog
 from stripeproxy.net.drain import DrainService
 from stripeproxy.net.endpoints import server_endpoint
@@ -228,7 +229,7 @@ def server_settings(options: Options, reactor: Any) -> ServerSettings:
         max_sessions=options["max-sessions"],
         connect_timeout=options["connect-timeout"],
         handshake_timeout=options["handshake-timeout"],
-        congestion=options["congestion"],
+        congestion=congestion.resolve(options["congestion"]),
         max_frame=options["max-frame"] * KiB,
         max_handshakes=options["max-handshakes"],
         # Behind a PROXY-protocol balancer every connection starts with its address.

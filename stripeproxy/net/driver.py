@@ -80,6 +80,7 @@ class SubflowInfo:
     inflight: int
     totals: dict[str, int]  # cumulative bytes: tx_real, tx_dummy, rx_real, rx_dummy
     retransmitted: int
+    cc: str | None = None  # the socket's congestion control (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,8 @@ class SessionDriver:
                         "rx_dummy": sf.rx_dummy,
                     },
                     retransmitted=sf.tx_retransmit,
+                    # Fakes in tests and testing/ need not know it.
+                    cc=getattr(subflow, "cc", None),
                 )
             )
         return rows

@@ -8,6 +8,7 @@ how the scheduler learns which subflow can take the next chunk.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from typing import Any
 
@@ -19,6 +20,7 @@ from zope.interface import implementer
 
 from stripeproxy.core import wire
 from stripeproxy.core.escape import printable
+from stripeproxy.net.congestion import in_use
 from stripeproxy.net.driver import SessionDriver
 
 # Keep the kernel's unsent backlog per subflow small, so the scheduler, not
@@ -40,17 +42,24 @@ def find_socket(transport: Any) -> socket.socket | None:
     return None
 
 
-def tune_socket(transport: Any, congestion: str | None = None) -> None:
+def tune_socket(transport: Any, congestion: str | None = None) -> str | None:
+    """Low latency and a short unsent backlog for a subflow; ``congestion``
+    (already checked once at start, :func:`stripeproxy.net.congestion.resolve`)
+    is set if given.  Returns the algorithm the socket uses, for the monitor."""
     sock = find_socket(transport)
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
+        return None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
-        if congestion:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
     except OSError as e:
         Logger().warn("could not tune subflow socket: {error}", error=e)
+    if congestion:
+        # The start-up probe said it works; should the kernel change its mind,
+        # the subflow's row shows what it got instead of a log line per subflow.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+    return in_use(sock)
 
 
 @implementer(IPushProducer)
@@ -74,6 +83,8 @@ class SubflowProtocol(Protocol):
         self.max_body = max_body
         self.handshake_timeout = handshake_timeout
         self.congestion = congestion
+        # The algorithm the socket really uses (None: unknown, or not TCP).
+        self.cc: str | None = None
         self.driver: SessionDriver | None = None
         self.sid = 0
         self._handshake_timer: IDelayedCall | None = None
@@ -91,7 +102,7 @@ class SubflowProtocol(Protocol):
         return f"{host}:{getattr(address, 'port', '')}" if host else str(address)
 
     def connectionMade(self) -> None:
-        tune_socket(self.transport, self.congestion)
+        self.cc = tune_socket(self.transport, self.congestion)
         self._handshake_timer = self.clock.callLater(
             self.handshake_timeout, self._handshake_expired
         )

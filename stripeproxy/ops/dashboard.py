@@ -81,6 +81,8 @@ _SUBFLOW_COLUMNS: list[_Column[SubflowRow]] = [
     _Column("RX dummy", 2, lambda r: human_rate(r.rates["rx_dummy"]), right=True),
     _Column("retx", 4, lambda r: human_bytes(r.retransmitted), right=True),
     _Column("in flight", 5, lambda r: human_bytes(r.inflight), right=True),
+    # The socket's congestion control: worth a glance, first to go after the peer.
+    _Column("cc", 1, lambda r: r.cc or "-"),
 ]
 
 

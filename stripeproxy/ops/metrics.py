@@ -43,20 +43,21 @@ class SnapshotCollector(Collector):
         per_subflow = CounterMetricFamily(
             "stripeproxy_subflow_bytes",
             "Bytes on one live subflow, by direction and kind.",
-            labels=["role", "session", "subflow", "direction", "kind"],
+            labels=["role", "session", "subflow", "cc", "direction", "kind"],
         )
         rtt = GaugeMetricFamily(
             "stripeproxy_subflow_rtt_seconds",
             "Smoothed heartbeat round-trip time of a subflow.",
-            labels=["role", "session", "subflow"],
+            labels=["role", "session", "subflow", "cc"],
         )
         inflight = GaugeMetricFamily(
             "stripeproxy_subflow_inflight_bytes",
             "Unacknowledged bytes sent on a subflow.",
-            labels=["role", "session", "subflow"],
+            labels=["role", "session", "subflow", "cc"],
         )
         for row in snap.subflows:
-            ids = [role, row.session, str(row.sid)]
+            # cc: the socket's congestion control, so a dashboard can split by it.
+            ids = [role, row.session, str(row.sid), row.cc]
             for name, value in row.totals.items():
                 direction, kind = name.split("_")
                 per_subflow.add_metric([*ids, direction, kind], value)

@@ -57,6 +57,7 @@ class SubflowRow:
     totals: dict[str, int]  # cumulative bytes by direction (see _DIRECTIONS)
     rates: dict[str, float]  # bytes per second over the window
     retransmitted: int
+    cc: str = ""  # the socket's congestion control ('': unknown)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class Monitor(Service):
                         totals=sf.totals,
                         rates=rates,
                         retransmitted=sf.retransmitted,
+                        cc=printable(sf.cc or ""),
                     )
                 )
             for st in driver.stream_info():
