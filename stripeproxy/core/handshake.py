@@ -21,7 +21,7 @@ import hmac
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, TypeVar
 
 from stripeproxy.core import wire
 
@@ -197,6 +197,35 @@ def _describe(inp: Input, payload: object) -> str:
     return type(payload).__name__.upper() if inp in FRAME_INPUTS else inp.name
 
 
+_S = TypeVar("_S", ClientState, ServerState)
+_M = TypeVar("_M")
+
+
+def _transition(
+    machine: _M,
+    state: _S,
+    inp: Input,
+    payload: object,
+    table: Mapping[
+        tuple[_S, Input],
+        tuple[Callable[[_M, object], tuple[_S, Outcome | None]], frozenset[_S]],
+    ],
+    failed: _S,
+    expects: Mapping[_S, str],
+) -> tuple[_S, Outcome | None]:
+    """One step of either machine: the table's handler, or FAILED for a frame
+    the table does not list (a local call out of turn is the caller's bug)."""
+    entry = table.get((state, inp))
+    if entry is None:
+        if inp not in FRAME_INPUTS:
+            raise StateError(f"{inp.name} is not allowed in state {state.name}")
+        return failed, Failed(f"expected {expects[state]}, got {_describe(inp, payload)}")
+    handler, allowed = entry
+    target, outcome = handler(machine, payload)
+    assert target in allowed, f"{state.name} -> {target.name} is not in the table"
+    return target, outcome
+
+
 # -------------------------------------------------------------------- client
 
 
@@ -249,19 +278,11 @@ class ClientHandshake:
         return self._step(Input.LOST, None)
 
     def _step(self, inp: Input, payload: object) -> Outcome | None:
-        state = self._state
-        if state in _CLIENT_TERMINAL:
+        if self._state in _CLIENT_TERMINAL:
             return None  # late events change nothing
-        entry = _CLIENT_TABLE.get((state, inp))
-        if entry is None:
-            if inp not in FRAME_INPUTS:
-                raise StateError(f"{inp.name} is not an input of the client handshake")
-            self._state = ClientState.FAILED
-            return Failed(f"expected {_CLIENT_EXPECTS[state]}, got {_describe(inp, payload)}")
-        handler, allowed = entry
-        target, outcome = handler(self, payload)
-        assert target in allowed, f"{state.name} -> {target.name} is not in the table"
-        self._state = target
+        self._state, outcome = _transition(
+            self, self._state, inp, payload, _CLIENT_TABLE, ClientState.FAILED, _CLIENT_EXPECTS
+        )
         return outcome
 
     def _on_challenge(self, frame: object) -> _ClientStep:
@@ -396,19 +417,11 @@ class ServerHandshake:
         return self._step(Input.LOST, None)
 
     def _step(self, inp: Input, payload: object) -> Outcome | None:
-        state = self._state
-        if state in _SERVER_TERMINAL:
+        if self._state in _SERVER_TERMINAL:
             return None  # late events change nothing
-        entry = _SERVER_TABLE.get((state, inp))
-        if entry is None:
-            if inp not in FRAME_INPUTS:
-                raise StateError(f"{inp.name} is not allowed in state {state.name}")
-            self._state = ServerState.FAILED
-            return Failed(f"expected {_SERVER_EXPECTS[state]}, got {_describe(inp, payload)}")
-        handler, allowed = entry
-        target, outcome = handler(self, payload)
-        assert target in allowed, f"{state.name} -> {target.name} is not in the table"
-        self._state = target
+        self._state, outcome = _transition(
+            self, self._state, inp, payload, _SERVER_TABLE, ServerState.FAILED, _SERVER_EXPECTS
+        )
         return outcome
 
     def _reject(self, code: int, reason: str) -> _ServerStep:
