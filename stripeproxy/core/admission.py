@@ -35,6 +35,7 @@ import txaio
 
 from stripeproxy.core import wire
 from stripeproxy.core.escape import printable
+from stripeproxy.core.throttle import Throttle
 
 __all__ = ["Admission", "AdmissionLimits", "Log"]
 
@@ -74,12 +75,6 @@ class _Failures:
     delay: float  # the address's CHALLENGEs wait until last + delay
 
 
-@dataclass
-class _Throttle:
-    logged_at: float
-    suppressed: int = 0
-
-
 def _more(suppressed: int) -> str:
     return f" ({suppressed} more since the last such line)" if suppressed else ""
 
@@ -101,7 +96,7 @@ class Admission:
         self.sessions_of: dict[str, int] = {}  # live sessions per key id
         self._created: dict[str, deque[float]] = {}  # key id -> recent creation times
         self._failures: dict[str, _Failures] = {}  # address -> failures in a row; oldest first
-        self._throttles: dict[tuple[str, str], _Throttle] = {}  # (limit, subject)
+        self._throttles: dict[tuple[str, str], Throttle] = {}  # (limit, subject)
 
     # ------------------------------------------------------- the handshake pool
 
@@ -198,8 +193,7 @@ class Admission:
         if entry.count <= limits.failures_logged:
             last = entry.count == limits.failures_logged
             if last:  # the next line about this address comes a log interval later
-                self._throttles.pop(("failures", host), None)
-                self._throttles[("failures", host)] = _Throttle(now)
+                self._throttle("failures", host).due(now)
             self.log.warn(
                 "subflow {peer}: authentication failed (key id {key!r}); {count} in a row "
                 "from {host}, whose next CHALLENGE waits {delay:g} s{quiet}",
@@ -307,13 +301,16 @@ class Admission:
     def _limit_hit(self, limit: str, subject: str, now: float, fmt: str, **fields: Any) -> None:
         """Log ``fmt`` unless the same limit hit the same subject less than
         ``log_interval`` ago; then count it for the next line instead."""
+        suppressed = self._throttle(limit, subject).due(now)
+        if suppressed is not None:
+            self.log.warn(fmt, more=_more(suppressed), **fields)
+
+    def _throttle(self, limit: str, subject: str) -> Throttle:
+        """The throttle of one limit and subject, most recently used last; the
+        oldest are forgotten past ``_MAX_TRACKED`` (a spray of addresses)."""
         throttles = self._throttles
-        throttle = throttles.get((limit, subject))
-        if throttle is not None and now - throttle.logged_at < self.limits.log_interval:
-            throttle.suppressed += 1
-            return
-        self.log.warn(fmt, more=_more(throttle.suppressed if throttle else 0), **fields)
-        throttles.pop((limit, subject), None)
-        throttles[(limit, subject)] = _Throttle(now)
-        while len(throttles) > _MAX_TRACKED:  # oldest line first
+        throttle = throttles.pop((limit, subject), None) or Throttle(self.limits.log_interval)
+        throttles[(limit, subject)] = throttle
+        while len(throttles) > _MAX_TRACKED:
             del throttles[next(iter(throttles))]
+        return throttle

@@ -22,7 +22,8 @@ from stripeproxy.core.session import (
     SessionConfig,
     StreamReset,
 )
-from stripeproxy.net.driver import LocalPeer, SessionDriver, Subflow, Throttle
+from stripeproxy.core.throttle import Throttle
+from stripeproxy.net.driver import LocalPeer, SessionDriver, Subflow
 
 #: Seconds between two spare dials towards a fresh session while the server drains.
 SPARE_INTERVAL = 1.0

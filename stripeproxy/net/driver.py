@@ -38,6 +38,7 @@ from stripeproxy.core.session import (
     StreamReset,
     StreamResumed,
 )
+from stripeproxy.core.throttle import Throttle
 from stripeproxy.net.timer import Timer
 
 
@@ -92,27 +93,6 @@ class StreamInfo:
     opened_at: float | None
     sent: int  # bytes read from the local peer
     received: int  # bytes received from the remote side
-
-
-#: Seconds between two log lines about the same limit.
-LIMIT_LOG_INTERVAL = 60.0
-
-
-class Throttle:
-    """One log line per interval about a limit; the hits between are counted."""
-
-    def __init__(self, interval: float = LIMIT_LOG_INTERVAL) -> None:
-        self.interval = interval
-        self.logged_at: float | None = None
-        self.suppressed = 0
-
-    def due(self, now: float) -> int | None:
-        """The hits not logged since the last line if a line is due now, else None."""
-        if self.logged_at is not None and now - self.logged_at < self.interval:
-            self.suppressed += 1
-            return None
-        suppressed, self.suppressed, self.logged_at = self.suppressed, 0, now
-        return suppressed
 
 
 class SessionDriver:
