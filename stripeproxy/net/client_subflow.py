@@ -101,7 +101,7 @@ class ClientSubflow(SubflowProtocol):
             return
         if outcome.code != wire.REJECT_UNKNOWN_SESSION:  # that one re-dials into a new session
             self.redial.handshake_failed()  # a limit or the version: back off
-        self.fail(f"server rejected the subflow: {outcome.reason!r}")
+        self.fail(f"server rejected the subflow: {outcome.reason}")
 
     def fail(self, reason: str) -> None:
         if self.driver is None and not self._gone:
