@@ -142,10 +142,6 @@ class SessionBase:
     def has_stream(self, stream_id: int) -> bool:
         return stream_id != CONTROL_STREAM and stream_id in self._streams
 
-    def stream_state(self, stream_id: int) -> StreamState | None:
-        st = self._streams.get(stream_id)
-        return st.state if st is not None else None
-
     def stream_progress(self, stream_id: int) -> tuple[int, int]:
         """(bytes taken from the local peer, bytes received from the remote side)."""
         st = self._streams[stream_id]
