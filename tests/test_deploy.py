@@ -4,17 +4,20 @@ The unit tests read the shipped units and their example environment files
 and feed the exact command lines to the real option parsers, so a renamed
 option or a typo in a unit fails here rather than on a server at boot.
 
-The HAProxy test runs the shipped ``deploy/haproxy/haproxy.cfg`` (only its
+The HAProxy tests run the shipped ``deploy/haproxy/haproxy.cfg`` (only its
 listening port, its backend addresses and the host-specific process lines
 changed) in front of two real ``twistd stripe-server`` processes, with
-in-process clients dialling through it from distinct loopback source
-addresses, and checks what the configuration promises: source affinity keeps
-all of a client's subflows on one instance, clients spread over instances,
-and when an instance dies its clients rebuild their sessions on a live one.
+in-process clients dialling through it from loopback source addresses, and
+check what the configuration promises: the session routing token in the SNI
+keeps all of a session's subflows on one instance, even when they come from
+several source addresses and when they re-dial; sessions spread over
+instances; and when an instance dies its clients rebuild their sessions on a
+live one.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 import shutil
@@ -43,11 +46,16 @@ from helpers import (
     start_client,
     start_instance,
     start_target,
+    wait_for,
     wait_listening,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 
 from stripeproxy.cli import client_tap, server_tap
+from stripeproxy.core import handshake, routing
+from stripeproxy.net.endpoints import parse_host_port
 
 DEPLOY = REPO / "deploy"
 SYSTEMD = DEPLOY / "systemd"
@@ -63,11 +71,14 @@ UNITS = {
 
 # Subflows per client in the HAProxy test.
 K = 3
-# `balance source` with `hash-type consistent` maps a client address to an
-# instance by a fixed hash of the address and the servers' ids (1 and 2 here,
-# from their order), so the mapping is deterministic: with two instances
-# these four addresses land two on each (127.0.0.2 and .4 on the first).
+# One loopback source address per client of the four-client test.
 SOURCES = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+# `balance hash` with `hash-type consistent` maps a routing token to an
+# instance by a fixed hash of the token and the servers' ids (1 and 2 here,
+# from their order), so the mapping is deterministic: the tokens of these
+# session ids land two on each instance (16 x 02 and 16 x 09 on the first).
+# The tests hand them out in place of random ones (fixed_session_ids).
+SPREAD_SESSION_IDS = [bytes([n]) * 16 for n in (1, 2, 3, 9)]
 
 
 # ------------------------------------------------------------ systemd units
@@ -336,7 +347,7 @@ def test_shipped_haproxy_config_settings() -> None:
     text = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
     settings = [line.split() for line in text.splitlines() if line.strip()[:1] not in ("", "#")]
     assert ["mode", "tcp"] in settings
-    assert ["balance", "source"] in settings
+    assert ["balance", "hash", "var(sess.route)"] in settings
     assert ["hash-type", "consistent"] in settings
     (bind,) = [words for words in settings if words[0] == "bind"]
     assert "ssl" not in bind, "TLS passes through to the stripe servers"
@@ -358,6 +369,33 @@ def test_shipped_haproxy_config_settings() -> None:
     for name in ("client", "server", "tunnel"):
         assert seconds(name) >= 120, f"timeout {name}"
     assert seconds("connect") == 5
+
+
+def test_shipped_haproxy_config_routes_on_the_token() -> None:
+    """The frontend waits for the ClientHello, and routes on the SNI only when its
+    first label is a routing token; everything else falls back to the source."""
+    text = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    rules = [
+        " ".join(line.split()) for line in text.splitlines() if line.split()[:1] == ["tcp-request"]
+    ]
+    inspect, fallback, token_rule, accept = rules
+    assert inspect == "tcp-request inspect-delay 5s"
+    assert fallback == "tcp-request content set-var(sess.route) src"
+    assert accept == "tcp-request content accept if { req.ssl_hello_type 1 }"
+    match = re.fullmatch(
+        r"tcp-request content set-var\(sess\.route\) req\.ssl_sni "
+        r"if \{ req\.ssl_sni -m reg (\S+) \}",
+        token_rule,
+    )
+    assert match is not None, token_rule
+    # HAProxy's PCRE and Python's re agree on this pattern: test it on the
+    # names the client sends, and on names it does not.
+    pattern = re.compile(match[1])
+    for session_id in (bytes(16), b"\xff" * 16, bytes(range(16))):
+        for suffix in ("proxy.example.net", None):
+            assert pattern.search(routing.server_name(session_id, suffix))
+    for other in ("proxy.example.net", "localhost", "abcdefghijklmnop", "ABCDEFGHIJKLMNOP.x"):
+        assert not pattern.search(other), other
 
 
 @dataclass
@@ -413,7 +451,7 @@ class Placement:
         return homes[0] if len(homes) == 1 else None
 
 
-async def placement(instances: list[Instance], clients: list[Client]) -> Placement:
+async def placement(instances: list[Instance], clients: dict[str, Client]) -> Placement:
     """Scrape every live instance; list what contradicts "one instance, K subflows each"."""
     views = []
     for instance in instances:
@@ -423,15 +461,15 @@ async def placement(instances: list[Instance], clients: list[Client]) -> Placeme
     for instance, view in zip(instances, views, strict=True):
         found.problems += view.problems(instance.process.name)
     labels = []
-    for source, client in zip(SOURCES, clients, strict=True):
+    for name, client in clients.items():
         driver = client.driver
-        if driver is None or not driver.established or len(driver.subflows) != K:
-            found.problems.append(f"client {source} has no session with {K} subflows")
+        if driver is None or not driver.established or len(driver.subflows) != client.k:
+            found.problems.append(f"client {name} has no session with {client.k} subflows")
             continue
         labels.append(driver.label)
         homes = {i: s[driver.label] for i, s in enumerate(found.per_instance) if driver.label in s}
-        if len(homes) != 1 or len(next(iter(homes.values()))) != K:
-            found.problems.append(f"client {source} session {driver.label}: {homes}")
+        if len(homes) != 1 or len(next(iter(homes.values()))) != client.k:
+            found.problems.append(f"client {name} session {driver.label}: {homes}")
     strays = {label for sessions in found.per_instance for label in sessions} - set(labels)
     if strays:
         found.problems.append(f"sessions no client holds: {sorted(strays)}")
@@ -439,9 +477,9 @@ async def placement(instances: list[Instance], clients: list[Client]) -> Placeme
 
 
 async def settled(
-    instances: list[Instance], clients: list[Client], timeout: float = 20.0
+    instances: list[Instance], clients: dict[str, Client], timeout: float = 20.0
 ) -> Placement:
-    """Wait until every client has one session, on one instance, with all K subflows.
+    """Wait until every client has one session, on one instance, with all its subflows.
 
     Metrics are sampled every 500 ms, so a fresh change shows up a little late.
     """
@@ -478,33 +516,29 @@ def label(client: Client) -> str:
     return client.driver.label
 
 
-async def echo_through_all(clients: list[Client], target_port: int, size: int) -> None:
+async def echo_through_all(clients: dict[str, Client], target_port: int, size: int) -> None:
     """A concurrent echo through every client; each must come back bit-exact."""
-    transfers = [
-        in_thread(socks_echo, client.socks_port, target_port, size, seed)
-        for seed, client in enumerate(clients)
-    ]
-    for source, transfer in zip(SOURCES, transfers, strict=True):
+    transfers = {
+        name: in_thread(socks_echo, client.socks_port, target_port, size, seed)
+        for seed, (name, client) in enumerate(clients.items())
+    }
+    for name, transfer in transfers.items():
         result = await transfer
-        assert result.errors == [], source
-        assert (result.sent, result.received) == (size, size), source
-        assert result.received_sha == result.sent_sha, source
+        assert result.errors == [], name
+        assert (result.sent, result.received) == (size, size), name
+        assert result.received_sha == result.sent_sha, name
 
 
-@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
-@pytest_twisted.ensureDeferred
-async def test_haproxy_source_affinity_and_failover(
-    cleanup: Cleanup, keys: Keys, tmp_path: Path
-) -> None:
-    """Four clients (K=3) through the shipped HAProxy config to two real instances.
+def fixed_session_ids(monkeypatch: pytest.MonkeyPatch, ids: list[bytes]) -> None:
+    """The clients' next sessions take these ids (then random ones again), so
+    that the instance their routing tokens hash to is known."""
+    queue = list(ids)
+    random_id = handshake.new_session_id
+    monkeypatch.setattr(handshake, "new_session_id", lambda: queue.pop(0) if queue else random_id())
 
-    Each client binds its own loopback source address, since `balance
-    source` can only spread clients that come from different addresses.
-    """
-    instances = [
-        await start_instance(cleanup, keys, f"stripe-server-{n}", tmp_path, INSTANCE_OPTIONS)
-        for n in (1, 2)
-    ]
+
+async def start_haproxy(cleanup: Cleanup, instances: list[Instance], tmp_path: Path) -> int:
+    """The shipped configuration in front of ``instances``, checked, then run; its port."""
     port = await free_port()
     config = tmp_path / "haproxy.cfg"
     shipped = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
@@ -520,30 +554,59 @@ async def test_haproxy_source_affinity_and_failover(
     assert checked.returncode == 0, checked.stdout + checked.stderr
     haproxy = spawn(cleanup, "haproxy", [HAPROXY, "-f", str(config), "-db"], tmp_path)
     await wait_listening(haproxy, port)
+    return port
 
+
+def through(port: int, source: str) -> list[str]:
+    """Client options that dial HAProxy from ``source``.
+
+    An endpoint string binds the subflows' source address; with it the
+    server name to check cannot be derived, so it is given (the certificate
+    is pinned by fingerprint anyway).
+    """
+    server = f"tcp:127.0.0.1:{port}:bindAddress={source}:timeout=10"
+    return ["--server", server, "--server-name", "localhost", "--retry-max", "1"]
+
+
+async def kill(instance: Instance) -> None:
+    instance.process.popen.kill()
+    await in_thread(instance.process.popen.wait, 10)
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
+@pytest_twisted.ensureDeferred
+async def test_haproxy_session_affinity_and_failover(
+    cleanup: Cleanup, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four clients (K=3) through the shipped HAProxy config to two real instances.
+
+    Each client binds its own loopback source address, so that the PROXY
+    header's per-address accounting is seen too.
+    """
+    instances = [
+        await start_instance(cleanup, keys, f"stripe-server-{n}", tmp_path, INSTANCE_OPTIONS)
+        for n in (1, 2)
+    ]
+    port = await start_haproxy(cleanup, instances, tmp_path)
     target = await start_target(cleanup, EchoFactory())
-    clients = []
-    for source in SOURCES:
-        # An endpoint string binds the subflows' source address; with it the
-        # server name to check cannot be derived, so it is given (the
-        # certificate is pinned by fingerprint anyway).
-        server = f"tcp:127.0.0.1:{port}:bindAddress={source}:timeout=10"
-        extra = ["--server", server, "--server-name", "localhost", "--retry-max", "1"]
-        clients.append(await start_client(cleanup, keys, port, True, K, extra))
+    fixed_session_ids(monkeypatch, SPREAD_SESSION_IDS)
+    clients = {
+        source: await start_client(cleanup, keys, port, True, K, through(port, source))
+        for source in SOURCES
+    }
 
     # Affinity and spread.
     found = await settled(instances, clients)
-    homes = [found.instance_of(label(client)) for client in clients]
+    homes = [found.instance_of(label(client)) for client in clients.values()]
     assert set(homes) == {0, 1}, f"clients not spread over both instances: {homes}"
     await echo_through_all(clients, target.port, 2 * MiB)
 
     # A client with a wrong key: thanks to the PROXY header its instance sees
     # and delays its own address, not HAProxy's (the re-dials below would all
     # wait otherwise).
-    bad_server = f"tcp:127.0.0.1:{port}:bindAddress={BAD_SOURCE}:timeout=10"
-    bad_extra = ["--server", bad_server, "--server-name", "localhost", "--retry-max", "1"]
     # After a bad-key REJECT a client waits a minute before it dials again
     # (SPEC.md section 2): two subflows make the two failures in a row at once.
+    bad_extra = through(port, BAD_SOURCE)
     await start_client(cleanup, keys, port, True, 2, bad_extra, psk=keys.wrong_psk)
     refused = f"subflow {BAD_SOURCE}:\\d+: authentication failed .* 2 in a row from {BAD_SOURCE}"
     await first_of(instances, refused)
@@ -554,14 +617,93 @@ async def test_haproxy_source_affinity_and_failover(
     dead = homes[0]
     assert dead is not None
     before = {
-        home: {label(c) for c, h in zip(clients, homes, strict=True) if h == home}
+        home: {label(c) for c, h in zip(clients.values(), homes, strict=True) if h == home}
         for home in (0, 1)
     }
-    instances[dead].process.popen.kill()
-    await in_thread(instances[dead].process.popen.wait, 10)
+    await kill(instances[dead])
     found = await settled(instances, clients, timeout=30)
     assert found.per_instance[dead] == {}
-    after = {label(client) for client in clients}
+    after = {label(client) for client in clients.values()}
     assert before[1 - dead] <= after, "a client of the live instance lost its session"
     assert not before[dead] & after, "a session of the dead instance lives on"
+    await echo_through_all(clients, target.port, 2 * MiB)
+
+
+# The two uplinks of the multi-path client, as two loopback source addresses.
+UPLINKS = ["127.0.0.2", "127.0.0.3"]
+MULTIPATH_K = 4
+
+
+def alternating_sources(monkeypatch: pytest.MonkeyPatch, sources: list[str]) -> None:
+    """Each subflow slot of the next client binds the next of ``sources``.
+
+    A stand-in for ``--path a=127.0.0.2:2 --path b=127.0.0.3:2`` (issue 12
+    item 1) until the client has it: the tap builds one endpoint per slot.
+    """
+    turn = itertools.cycle(sources)
+    build = client_tap.client_endpoint
+
+    def bound(reactor: object, text: str, timeout: float) -> IStreamClientEndpoint:
+        host, port = parse_host_port(text)
+        assert build(reactor, text, timeout) is not None  # the tap's own parsing still runs
+        return TCP4ClientEndpoint(reactor, host, port, timeout, bindAddress=(next(turn), 0))
+
+    monkeypatch.setattr(client_tap, "client_endpoint", bound)
+
+
+def sources_of(client: Client) -> set[str]:
+    """The local addresses of the client's current subflows."""
+    driver = client.driver
+    assert driver is not None
+    return {subflow.transport.getHost().host for subflow in driver.subflows.values()}
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
+@pytest_twisted.ensureDeferred
+async def test_haproxy_keeps_a_multipath_session_on_one_instance(
+    cleanup: Cleanup, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One client whose subflows leave from two addresses, through the shipped
+    HAProxy config to two real instances: the routing token in the SNI keeps the
+    whole session on one instance, re-dials go back there, and when that
+    instance dies the client's next session lives on the other one."""
+    instances = [
+        await start_instance(cleanup, keys, f"stripe-server-{n}", tmp_path, INSTANCE_OPTIONS)
+        for n in (1, 2)
+    ]
+    port = await start_haproxy(cleanup, instances, tmp_path)
+    target = await start_target(cleanup, EchoFactory())
+    alternating_sources(monkeypatch, UPLINKS)
+    extra = ["--server", f"127.0.0.1:{port}", "--server-name", "localhost", "--retry-max", "1"]
+    client = await start_client(cleanup, keys, port, True, MULTIPATH_K, extra)
+    clients = {"multipath": client}
+
+    found = await settled(instances, clients)
+    session = label(client)
+    home = found.instance_of(session)
+    assert home is not None
+    assert sources_of(client) == set(UPLINKS), "the subflows do not use both uplinks"
+    await echo_through_all(clients, target.port, 2 * MiB)
+
+    # Every subflow drops at once (both uplinks blink): the session waits out
+    # its grace period, and the re-dials, from both addresses again, carry
+    # its token back to the same instance.
+    driver = client.driver
+    assert driver is not None
+    for subflow in list(driver.subflows.values()):
+        subflow.transport.abortConnection()
+    await wait_for(lambda: driver.subflow_count == 0, "the subflows to drop", 10)
+    found = await settled(instances, clients)
+    assert (label(client), found.instance_of(session)) == (session, home)
+    assert sources_of(client) == set(UPLINKS)
+    await echo_through_all(clients, target.port, 2 * MiB)
+
+    # Its instance dies: the client's re-dials reach the other one, which
+    # does not know the session; the client starts a new one there, with a
+    # new token, and a new CONNECT carries data again.
+    await kill(instances[home])
+    found = await settled(instances, clients, timeout=30)
+    assert label(client) != session
+    assert found.instance_of(label(client)) == 1 - home
+    assert sources_of(client) == set(UPLINKS)
     await echo_through_all(clients, target.port, 2 * MiB)

@@ -33,6 +33,7 @@ from stripeproxy.net.endpoints import (
     parse_host_port,
     server_endpoint,
 )
+from stripeproxy.net.routing import route_subflows
 from stripeproxy.net.socks import SocksFactory
 from stripeproxy.net.tls import client_tls_creator, parse_fingerprint
 
@@ -209,6 +210,8 @@ def makeService(options: Options) -> IService:
     subflows = OverlayService(overlay, reactor, options["drain-timeout"])
     attach(subflows, top)
     creator = options["tls"]
+    if creator is not None:  # each subflow's SNI names its session (SPEC.md section 2)
+        creator = route_subflows(creator, overlay, options["server-name"])
     # One re-dial policy for every slot: they share the server and the key.
     factory = SubflowFactory(overlay, options["retry-max"])
     slots: list[DialSlot] = []

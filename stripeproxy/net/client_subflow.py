@@ -12,6 +12,7 @@ from stripeproxy.core.handshake import ClientState, Failed, Joined, Rejected
 from stripeproxy.core.redial import RedialPolicy
 from stripeproxy.net.client import ClientSessionDriver, Overlay
 from stripeproxy.net.dial import DialOutcome
+from stripeproxy.net.routing import carries_route
 from stripeproxy.net.subflow import SubflowProtocol
 
 # Handshakes that ended without a verdict; they count as failures for the re-dial backoff.
@@ -55,6 +56,12 @@ class ClientSubflow(SubflowProtocol):
         """The server speaks first (CHALLENGE); nothing to send yet."""
 
     def handshake_frame(self, frame: wire.Frame) -> None:
+        if isinstance(frame, wire.Challenge) and not carries_route(
+            self.transport, self.overlay.current()
+        ):
+            # Our SNI names a session that ended while we dialled (SPEC.md section 2).
+            self.fail("the session changed while this subflow was connecting")
+            return
         outcome = self.handshake.receive(frame)
         data = self.handshake.data_to_send()
         if data:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -33,7 +34,6 @@ from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
     TLSVersion,
-    optionsForClientTLS,
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
@@ -43,7 +43,7 @@ from zope.interface import implementer
 from stripeproxy.core.escape import printable
 
 if TYPE_CHECKING:
-    # Only a name for a type: optionsForClientTLS takes it, but Twisted defines it in
+    # Only a name for a type: CertificateOptions takes it, but Twisted defines it in
     # its private _sslverify module and exports it nowhere else.
     from twisted.internet._sslverify import IOpenSSLTrustRoot
 
@@ -53,6 +53,8 @@ __all__ = [
     "format_fingerprint",
     "load_server_tls",
     "parse_fingerprint",
+    "sni_suffix",
+    "with_server_name",
 ]
 
 _log = Logger()
@@ -159,20 +161,30 @@ def _is_ip_literal(hostname: str) -> bool:
     return True
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class _PinnedServerCreator:
-    """Client TLS that accepts the server only if its leaf certificate matches a pin.
+def sni_suffix(hostname: str) -> str | None:
+    """The DNS name (IDNA form) a routing token may prefix; ``None`` for an IP address."""
+    return None if _is_ip_literal(hostname) else hostname.encode("idna").decode("ascii")
 
-    Pinning replaces chain validation (the usual server is self-signed), so
-    chain errors are tolerated unless CA certificates are also given, in which case
-    the chain and the hostname must pass as well.  Validity dates are not
-    checked in pin-only mode: the pin names one exact certificate.
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _ServerCheckingCreator:
+    """Client TLS that accepts the server only if its certificate passes our checks.
+
+    With a pin, the leaf certificate must match it; pinning replaces chain
+    validation (the usual server is self-signed), so chain errors are
+    tolerated unless CA certificates are also given, in which case the chain
+    and the hostname must pass as well.  Validity dates are not checked in
+    pin-only mode: the pin names one exact certificate.  With CA certificates
+    alone, the chain (dates included) and the hostname decide, as they would
+    for Twisted's ``optionsForClientTLS``; the check is ours rather than
+    Twisted's because Twisted's sets the SNI to the verified name at the start
+    of every handshake, which would overwrite a routing token.
     """
 
     def __init__(
         self,
         hostname: str,
-        pin: bytes,
+        pin: bytes | None,
         ca_certificates: list[Certificate] | None = None,
         identity: dict[str, Any] | None = None,
     ) -> None:
@@ -189,7 +201,7 @@ class _PinnedServerCreator:
         self._options = CertificateOptions(raiseMinimumTo=_MINIMUM_TLS, **extra)
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        """A connection whose handshake fails unless the server presents the pinned cert."""
+        """A connection whose handshake fails unless the server's certificate passes."""
         connection = self._options.clientConnectionForTLS(tlsProtocol)
         if not self._is_ip:
             connection.set_tlsext_host_name(self._hostname.encode("idna"))
@@ -208,22 +220,22 @@ class _PinnedServerCreator:
             if depth > 0:
                 return bool(ok) or not self._check_chain
             leaf = cert.to_cryptography()
-            return self._pin_matches(leaf) and (
+            return (self._pin is None or self._pin_matches(leaf, self._pin)) and (
                 not self._check_chain or (bool(ok) and self._name_matches(leaf))
             )
         except Exception:
             _log.failure("while verifying the server certificate")
             return False
 
-    def _pin_matches(self, leaf: x509.Certificate) -> bool:
+    def _pin_matches(self, leaf: x509.Certificate, pin: bytes) -> bool:
         """Constant-time pin comparison, logging the presented value to ease debugging."""
         presented = leaf.fingerprint(hashes.SHA256())
-        if hmac.compare_digest(presented, self._pin):
+        if hmac.compare_digest(presented, pin):
             return True
         _log.warn(
             "server certificate fingerprint {presented} does not match pinned {pinned}",
             presented=format_fingerprint(presented),
-            pinned=format_fingerprint(self._pin),
+            pinned=format_fingerprint(pin),
         )
         return False
 
@@ -244,6 +256,34 @@ class _PinnedServerCreator:
         return True
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _NamingCreator:
+    """Another creator's connections, with the SNI that ``name`` gives at each dial."""
+
+    def __init__(self, checked: IOpenSSLClientConnectionCreator, name: Callable[[], str]) -> None:
+        self._checked = checked
+        self._name = name
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection: SSL.Connection = self._checked.clientConnectionForTLS(tlsProtocol)
+        # Replaces the verified name the inner creator set; its verify
+        # callback still checks the certificate against that name.
+        connection.set_tlsext_host_name(self._name().encode("ascii"))
+        return connection
+
+
+def with_server_name(
+    creator: IOpenSSLClientConnectionCreator, name: Callable[[], str]
+) -> IOpenSSLClientConnectionCreator:
+    """``creator`` (from :func:`client_tls_creator`), sending ``name()`` as SNI.
+
+    ``name`` is asked once per connection, when its TLS starts, so that each
+    subflow names the session it is about to join.  Only the ClientHello
+    changes: the server's certificate is verified exactly as before.
+    """
+    return _NamingCreator(creator, name)
+
+
 def client_tls_creator(
     hostname: str,
     ca_path: str | None = None,
@@ -259,22 +299,12 @@ def client_tls_creator(
     """
     pin = parse_fingerprint(fingerprint) if fingerprint is not None else None
     identity = _identity(*client_cert) if client_cert is not None else None
-    if ca_path is None:
-        if pin is None:
-            raise ValueError(
-                "the client must verify the server: give a CA file or a certificate fingerprint"
-            )
-        return _PinnedServerCreator(hostname, pin, identity=identity)
-    ca_certificates = _load_ca(ca_path)
-    if pin is not None:
-        return _PinnedServerCreator(hostname, pin, ca_certificates, identity)
-    # Our certificate goes in as plain CertificateOptions arguments, which,
-    # unlike optionsForClientTLS's clientCertificate, carry a chain too.
-    return optionsForClientTLS(
-        hostname,
-        trustRoot=_trust_root(ca_certificates),
-        extraCertificateOptions={"raiseMinimumTo": _MINIMUM_TLS, **(identity or {})},
-    )
+    if ca_path is None and pin is None:
+        raise ValueError(
+            "the client must verify the server: give a CA file or a certificate fingerprint"
+        )
+    ca_certificates = _load_ca(ca_path) if ca_path is not None else None
+    return _ServerCheckingCreator(hostname, pin, ca_certificates, identity)
 
 
 def parse_fingerprint(text: str) -> bytes:
