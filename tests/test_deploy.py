@@ -38,6 +38,7 @@ from helpers import (
     Instance,
     Keys,
     MiB,
+    Target,
     free_port,
     in_thread,
     sleep,
@@ -557,6 +558,18 @@ async def start_haproxy(cleanup: Cleanup, instances: list[Instance], tmp_path: P
     return port
 
 
+async def behind_haproxy(
+    cleanup: Cleanup, keys: Keys, tmp_path: Path
+) -> tuple[list[Instance], int, Target]:
+    """Two real instances behind the shipped HAProxy config, and an echo target."""
+    instances = [
+        await start_instance(cleanup, keys, f"stripe-server-{n}", tmp_path, INSTANCE_OPTIONS)
+        for n in (1, 2)
+    ]
+    port = await start_haproxy(cleanup, instances, tmp_path)
+    return instances, port, await start_target(cleanup, EchoFactory())
+
+
 def through(port: int, source: str) -> list[str]:
     """Client options that dial HAProxy from ``source``.
 
@@ -583,12 +596,7 @@ async def test_haproxy_session_affinity_and_failover(
     Each client binds its own loopback source address, so that the PROXY
     header's per-address accounting is seen too.
     """
-    instances = [
-        await start_instance(cleanup, keys, f"stripe-server-{n}", tmp_path, INSTANCE_OPTIONS)
-        for n in (1, 2)
-    ]
-    port = await start_haproxy(cleanup, instances, tmp_path)
-    target = await start_target(cleanup, EchoFactory())
+    instances, port, target = await behind_haproxy(cleanup, keys, tmp_path)
     fixed_session_ids(monkeypatch, SPREAD_SESSION_IDS)
     clients = {
         source: await start_client(cleanup, keys, port, True, K, through(port, source))
@@ -667,12 +675,7 @@ async def test_haproxy_keeps_a_multipath_session_on_one_instance(
     HAProxy config to two real instances: the routing token in the SNI keeps the
     whole session on one instance, re-dials go back there, and when that
     instance dies the client's next session lives on the other one."""
-    instances = [
-        await start_instance(cleanup, keys, f"stripe-server-{n}", tmp_path, INSTANCE_OPTIONS)
-        for n in (1, 2)
-    ]
-    port = await start_haproxy(cleanup, instances, tmp_path)
-    target = await start_target(cleanup, EchoFactory())
+    instances, port, target = await behind_haproxy(cleanup, keys, tmp_path)
     alternating_sources(monkeypatch, UPLINKS)
     extra = ["--server", f"127.0.0.1:{port}", "--server-name", "localhost", "--retry-max", "1"]
     client = await start_client(cleanup, keys, port, True, MULTIPATH_K, extra)

@@ -107,18 +107,17 @@ ROUTE = "sp5ivlyktaadfybu.localhost"
 
 
 @pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> Pair:
-    """The server's self-signed certificate for 'localhost' (and nothing else)."""
-    return _write_pair(tmp_path_factory.mktemp("routing") / "server", "localhost")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pair, Pair]:
+    """The server's self-signed certificate, for 'localhost' only, and another
+    certificate that also claims to be 'localhost'."""
+    directory = tmp_path_factory.mktemp("routing")
+    return _write_pair(directory / "server", "localhost"), _write_pair(
+        directory / "other", "localhost"
+    )
 
 
-@pytest.fixture(scope="module")
-def wrong_cert(tmp_path_factory: pytest.TempPathFactory) -> Pair:
-    """Another certificate that also claims to be 'localhost'."""
-    return _write_pair(tmp_path_factory.mktemp("routing") / "other", "localhost")
-
-
-def test_the_server_receives_the_routing_name(cert: Pair) -> None:
+def test_the_server_receives_the_routing_name(certs: tuple[Pair, Pair]) -> None:
+    cert, _ = certs
     pinned = client_tls_creator("localhost", fingerprint=certificate_fingerprint(cert.cert))
     result = handshake(
         load_server_tls(cert.cert, cert.key), with_server_name(pinned, lambda: ROUTE)
@@ -128,10 +127,11 @@ def test_the_server_receives_the_routing_name(cert: Pair) -> None:
 
 
 def test_a_ca_verified_client_sends_the_routing_name_and_checks_the_server_name(
-    cert: Pair,
+    certs: tuple[Pair, Pair],
 ) -> None:
     """The certificate names only localhost: were it checked against the SNI,
     the handshake would fail."""
+    cert, _ = certs
     checked = client_tls_creator("localhost", ca_path=cert.cert)
     result = handshake(
         load_server_tls(cert.cert, cert.key), with_server_name(checked, lambda: ROUTE)
@@ -141,8 +141,9 @@ def test_a_ca_verified_client_sends_the_routing_name_and_checks_the_server_name(
 
 
 @pytest.mark.parametrize("how", ["pin", "ca", "ca-wrong-name"])
-def test_a_wrong_certificate_still_fails(cert: Pair, wrong_cert: Pair, how: str) -> None:
+def test_a_wrong_certificate_still_fails(certs: tuple[Pair, Pair], how: str) -> None:
     """A routing name that the certificate would match changes nothing either."""
+    cert, wrong_cert = certs
     if how == "pin":
         checked = client_tls_creator(
             "localhost", fingerprint=certificate_fingerprint(wrong_cert.cert)
@@ -162,8 +163,11 @@ def overlay() -> Overlay:
 @pytest.mark.parametrize(
     ("server_name", "suffix"), [("localhost", "localhost"), ("127.0.0.1", "invalid")]
 )
-def test_each_subflow_names_the_current_session(cert: Pair, server_name: str, suffix: str) -> None:
+def test_each_subflow_names_the_current_session(
+    certs: tuple[Pair, Pair], server_name: str, suffix: str
+) -> None:
     """Asked at every dial: a new session means a new name on the next subflow."""
+    cert, _ = certs
     lay = overlay()
     pinned = client_tls_creator(server_name, fingerprint=certificate_fingerprint(cert.cert))
     routed = route_subflows(pinned, lay, server_name)
