@@ -232,20 +232,27 @@ def test_a_subflow_that_names_its_session_answers_the_challenge() -> None:
     assert not transport.disconnecting
 
 
-@pytest.mark.parametrize("name", [b"localhost", None, "another session"])
-def test_a_subflow_that_names_another_session_does_not_join(name: bytes | str | None) -> None:
+def test_a_subflow_that_names_another_session_does_not_join() -> None:
     """Its balancer may have sent it to another instance than the session's."""
     lay = overlay()
     old = lay.current()
-    if name == "another session":
-        name = routing.server_name(old.session_id, "localhost").encode()
-        old.close("replaced while the subflow dialled")
-    assert isinstance(name, bytes | None)
-    transport = _TLSTransport(name)
+    transport = _TLSTransport(routing.server_name(old.session_id, "localhost").encode())
+    old.close("replaced while the subflow dialled")
     subflow = dialled(lay, transport)
     assert auth_sent(transport, subflow.crc) is None
     assert transport.disconnecting or transport.disconnected
+    assert lay.current() is not old
     assert lay.current().subflow_count == 0
+
+
+@pytest.mark.parametrize("name", [b"localhost", None])
+def test_a_tls_subflow_without_a_token_joins(name: bytes | None) -> None:
+    """Nothing to contradict: routed by address, like an older client's."""
+    lay = overlay()
+    transport = _TLSTransport(name)
+    subflow = dialled(lay, transport)
+    auth = auth_sent(transport, subflow.crc)
+    assert auth is not None and auth.session_id == lay.current().session_id
 
 
 def test_a_plaintext_subflow_carries_no_route_and_joins() -> None:

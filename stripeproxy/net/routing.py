@@ -41,12 +41,13 @@ def route_subflows(
 def carries_route(transport: Any, driver: ClientSessionDriver) -> bool:
     """Whether a subflow on ``transport`` may join ``driver``'s session.
 
-    Plaintext subflows carry no token (there is no ClientHello), so nothing
-    can contradict; a TLS subflow must have sent this session's token.
+    Only a token of another session contradicts: plaintext subflows carry
+    none (there is no ClientHello), nor does a TLS subflow dialled without
+    :func:`route_subflows`; the balancer routes those by address.
     """
     if not ISSLTransport.providedBy(transport):
         return True
     # Twisted's ISSLTransport does not declare getHandle; its TLS transports
     # have it and return the pyOpenSSL connection, whose SNI is the one we sent.
-    sent = cast(Any, transport).getHandle().get_servername()
-    return routing.token_of(sent) == routing.token(driver.session_id)
+    sent = routing.token_of(cast(Any, transport).getHandle().get_servername())
+    return sent is None or sent == routing.token(driver.session_id)
