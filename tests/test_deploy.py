@@ -17,11 +17,15 @@ live one.
 
 from __future__ import annotations
 
+import csv
 import itertools
+import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -80,6 +84,8 @@ SOURCES = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
 # session ids land two on each instance (16 x 02 and 16 x 09 on the first).
 # The tests hand them out in place of random ones (fixed_session_ids).
 SPREAD_SESSION_IDS = [bytes([n]) * 16 for n in (1, 2, 3, 9)]
+# And these all on the first instance.
+FIRST_INSTANCE_SESSION_IDS = [bytes([n]) * 16 for n in (2, 9)]
 
 
 # ------------------------------------------------------------ systemd units
@@ -309,14 +315,15 @@ def test_modules_load_file_loads_bbr() -> None:
 # ------------------------------------------------------- scale-out: HAProxy
 
 
-def haproxy_config(shipped: str, port: int, backends: list[int]) -> str:
+def haproxy_config(shipped: str, port: int, backends: list[int], admin: str) -> str:
     """The shipped configuration, aimed at this test's ports.
 
-    Everything that decides behaviour (mode, balance, hash type, checks,
-    timeouts) is kept; only the host-specific process lines (chroot, user,
-    group, admin socket: they need root and Debian's layout), the connection
-    limits (they need a file-descriptor limit a test host may not grant), the
-    bind address and the server list change.  The generated servers keep the
+    Everything that decides behaviour (mode, balance, hash type, stick
+    table, checks, timeouts) is kept; only the host-specific process lines
+    (chroot, user, group: they need root and Debian's layout; the admin
+    socket moves to ``admin``), the connection limits (they need a
+    file-descriptor limit a test host may not grant), the bind address and
+    the server list change.  The generated servers keep the
     shipped names' pattern, so their ids (which the consistent hash uses)
     are 1..N in order, as in the shipped file.
     """
@@ -326,8 +333,10 @@ def haproxy_config(shipped: str, port: int, backends: list[int]) -> str:
         words = line.split()
         if not words or words[0].startswith("#"):
             lines.append(line)
-        elif words[0] in ("chroot", "user", "group") or words[:2] == ["stats", "socket"]:
+        elif words[0] in ("chroot", "user", "group"):
             continue
+        elif words[:2] == ["stats", "socket"]:
+            lines.append(f"    stats socket {admin} mode 600 level admin")
         elif words[0] == "maxconn":
             lines.append("    maxconn 1000")
         elif words[0] == "bind":
@@ -350,6 +359,10 @@ def test_shipped_haproxy_config_settings() -> None:
     assert ["mode", "tcp"] in settings
     assert ["balance", "hash", "var(sess.route)"] in settings
     assert ["hash-type", "consistent"] in settings
+    # The stick table keys on the same value the hash does.
+    (table,) = [words for words in settings if words[0] == "stick-table"]
+    assert table[:5] == ["stick-table", "type", "string", "len", "64"], table
+    assert ["stick", "on", "var(sess.route)"] in settings
     (bind,) = [words for words in settings if words[0] == "bind"]
     assert "ssl" not in bind, "TLS passes through to the stripe servers"
     servers = [words for words in settings if words[0] == "server"]
@@ -538,12 +551,38 @@ def fixed_session_ids(monkeypatch: pytest.MonkeyPatch, ids: list[bytes]) -> None
     monkeypatch.setattr(handshake, "new_session_id", lambda: queue.pop(0) if queue else random_id())
 
 
-async def start_haproxy(cleanup: Cleanup, instances: list[Instance], tmp_path: Path) -> int:
-    """The shipped configuration in front of ``instances``, checked, then run; its port."""
+@dataclass
+class Balancer:
+    """HAProxy as the tests run it: its port and its admin socket."""
+
+    port: int
+    admin: str
+
+    def status(self, server: str) -> str:
+        """A backend server's state as HAProxy sees it (``UP``, ``DOWN``, ``UP 1/2``...);
+        blocking (run it in a thread)."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(self.admin)
+            sock.sendall(b"show stat\n")
+            text = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+        header, *rows = csv.reader(text.removeprefix("# ").splitlines())
+        for row in rows:
+            if row[:2] == ["stripe_servers", server]:
+                return row[header.index("status")]
+        raise AssertionError(f"HAProxy does not list {server}:\n{text}")
+
+
+async def start_haproxy(cleanup: Cleanup, instances: list[Instance], tmp_path: Path) -> Balancer:
+    """The shipped configuration in front of ``instances``, checked, then run."""
     port = await free_port()
     config = tmp_path / "haproxy.cfg"
     shipped = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
-    config.write_text(haproxy_config(shipped, port, [i.port for i in instances]))
+    # A unix socket path must be short (108 bytes): not below tmp_path.
+    admin = tempfile.mkdtemp(prefix="stripe-haproxy-")
+    cleanup.add(lambda: shutil.rmtree(admin, ignore_errors=True), "remove the admin socket")
+    balancer = Balancer(port, os.path.join(admin, "admin.sock"))
+    config.write_text(haproxy_config(shipped, port, [i.port for i in instances], balancer.admin))
     assert HAPROXY is not None
     checked = await in_thread(
         subprocess.run,
@@ -555,19 +594,19 @@ async def start_haproxy(cleanup: Cleanup, instances: list[Instance], tmp_path: P
     assert checked.returncode == 0, checked.stdout + checked.stderr
     haproxy = spawn(cleanup, "haproxy", [HAPROXY, "-f", str(config), "-db"], tmp_path)
     await wait_listening(haproxy, port)
-    return port
+    return balancer
 
 
 async def behind_haproxy(
     cleanup: Cleanup, keys: Keys, tmp_path: Path
-) -> tuple[list[Instance], int, Target]:
+) -> tuple[list[Instance], Balancer, Target]:
     """Two real instances behind the shipped HAProxy config, and an echo target."""
     instances = [
         await start_instance(cleanup, keys, f"stripe-server-{n}", tmp_path, INSTANCE_OPTIONS)
         for n in (1, 2)
     ]
-    port = await start_haproxy(cleanup, instances, tmp_path)
-    return instances, port, await start_target(cleanup, EchoFactory())
+    balancer = await start_haproxy(cleanup, instances, tmp_path)
+    return instances, balancer, await start_target(cleanup, EchoFactory())
 
 
 def through(port: int, source: str) -> list[str]:
@@ -596,7 +635,8 @@ async def test_haproxy_session_affinity_and_failover(
     Each client binds its own loopback source address, so that the PROXY
     header's per-address accounting is seen too.
     """
-    instances, port, target = await behind_haproxy(cleanup, keys, tmp_path)
+    instances, balancer, target = await behind_haproxy(cleanup, keys, tmp_path)
+    port = balancer.port
     fixed_session_ids(monkeypatch, SPREAD_SESSION_IDS)
     clients = {
         source: await start_client(cleanup, keys, port, True, K, through(port, source))
@@ -673,40 +713,68 @@ async def test_haproxy_keeps_a_multipath_session_on_one_instance(
 ) -> None:
     """One client whose subflows leave from two addresses, through the shipped
     HAProxy config to two real instances: the routing token in the SNI keeps the
-    whole session on one instance, re-dials go back there, and when that
-    instance dies the client's next session lives on the other one."""
-    instances, port, target = await behind_haproxy(cleanup, keys, tmp_path)
+    whole session on one instance, re-dials go back there, when that instance
+    dies the client's next session lives on the other one, and stays there
+    when the dead instance comes back."""
+    instances, balancer, target = await behind_haproxy(cleanup, keys, tmp_path)
+    # Its first session's token hashes to the first instance, and so does
+    # its second's (see the last step).
+    fixed_session_ids(monkeypatch, FIRST_INSTANCE_SESSION_IDS)
     alternating_sources(monkeypatch, UPLINKS)
-    extra = ["--server", f"127.0.0.1:{port}", "--server-name", "localhost", "--retry-max", "1"]
-    client = await start_client(cleanup, keys, port, True, MULTIPATH_K, extra)
+    extra = ["--server", f"127.0.0.1:{balancer.port}", "--server-name", "localhost"]
+    extra += ["--retry-max", "1"]
+    client = await start_client(cleanup, keys, balancer.port, True, MULTIPATH_K, extra)
     clients = {"multipath": client}
 
     found = await settled(instances, clients)
     session = label(client)
-    home = found.instance_of(session)
-    assert home is not None
+    assert found.instance_of(session) == 0
     assert sources_of(client) == set(UPLINKS), "the subflows do not use both uplinks"
     await echo_through_all(clients, target.port, 2 * MiB)
 
     # Every subflow drops at once (both uplinks blink): the session waits out
     # its grace period, and the re-dials, from both addresses again, carry
     # its token back to the same instance.
-    driver = client.driver
-    assert driver is not None
-    for subflow in list(driver.subflows.values()):
-        subflow.transport.abortConnection()
-    await wait_for(lambda: driver.subflow_count == 0, "the subflows to drop", 10)
+    await redial_all(client)
     found = await settled(instances, clients)
-    assert (label(client), found.instance_of(session)) == (session, home)
+    assert (label(client), found.instance_of(session)) == (session, 0)
     assert sources_of(client) == set(UPLINKS)
     await echo_through_all(clients, target.port, 2 * MiB)
 
     # Its instance dies: the client's re-dials reach the other one, which
     # does not know the session; the client starts a new one there, with a
     # new token, and a new CONNECT carries data again.
-    await kill(instances[home])
+    await kill(instances[0])
     found = await settled(instances, clients, timeout=30)
-    assert label(client) != session
-    assert found.instance_of(label(client)) == 1 - home
+    moved = label(client)
+    assert moved != session
+    assert found.instance_of(moved) == 1
     assert sources_of(client) == set(UPLINKS)
     await echo_through_all(clients, target.port, 2 * MiB)
+
+    # The instance comes back on its port.  The new session's token hashes
+    # to it too, but HAProxy's stick table remembers where the session
+    # lives: re-dials stay there and the session keeps going.
+    options = [*INSTANCE_OPTIONS, "--listen", f"tcp:{instances[0].port}:interface=127.0.0.1"]
+    instances[0] = await start_instance(cleanup, keys, "stripe-server-1-again", tmp_path, options)
+
+    async def up() -> bool:
+        return await in_thread(balancer.status, "s1") == "UP"
+
+    deadline = time.monotonic() + 20
+    while not await up():
+        assert time.monotonic() < deadline, "HAProxy does not see the instance come back"
+        await sleep(0.2)
+    await redial_all(client)
+    found = await settled(instances, clients)
+    assert (label(client), found.instance_of(moved)) == (moved, 1)
+    await echo_through_all(clients, target.port, 2 * MiB)
+
+
+async def redial_all(client: Client) -> None:
+    """Cut every subflow of the client's session at once; it re-dials them."""
+    driver = client.driver
+    assert driver is not None
+    for subflow in list(driver.subflows.values()):
+        subflow.transport.abortConnection()
+    await wait_for(lambda: driver.subflow_count == 0, "the subflows to drop", 10)
