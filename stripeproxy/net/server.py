@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Set
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import ILogObserver
 from twisted.python.failure import Failure
 
@@ -26,9 +25,9 @@ from stripeproxy.core.session import (
 from stripeproxy.net.access import TARGET_LIMIT, StreamRecords, stream_log
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.target import (
-    _TARGET_FACTORY,
     TargetDenied,
     TargetProtocol,
+    dial_literal,
     reply_code_for,
     resolve,
 )
@@ -116,10 +115,7 @@ class ServerSessionDriver(SessionDriver):
         )
 
     def _dial(self, address: str, port: int) -> defer.Deferred[TargetProtocol]:
-        endpoint = HostnameEndpoint(
-            self.settings.reactor, address, port, timeout=self.settings.connect_timeout
-        )
-        return cast("defer.Deferred[TargetProtocol]", endpoint.connect(_TARGET_FACTORY))
+        return dial_literal(self.settings.reactor, address, port, self.settings.connect_timeout)
 
     def _permitted(
         self, addresses: list[str], stream_id: int, name: str, port: int
