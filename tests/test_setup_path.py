@@ -17,10 +17,12 @@ from twisted.internet._resolver import HostResolution
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHostnameResolver, IResolutionReceiver
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel
 from zope.interface import implementer
 
 from stripeproxy.core import control, wire
 from stripeproxy.core.policy import TargetPolicy, parse_rule
+from stripeproxy.net.access import stream_debug, stream_levels
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.server import ServerSessionDriver, ServerSettings
 from stripeproxy.testing import C2S, S2C, SERVER, SessionPair
@@ -129,3 +131,18 @@ def test_a_name_is_resolved_once_and_its_checked_address_dialled_as_a_literal() 
     assert resolver.asked == ["echo.example"]
     ((host, port, *_),) = reactor.tcpClients
     assert (host, port) == ("127.0.0.1", 8080)
+
+
+def test_per_stream_debug_lines_are_built_only_when_they_go_somewhere() -> None:
+    assert not stream_debug()  # the default: the main log gets info and up
+    stream_levels.setLogLevelForNamespace("stripeproxy.streams", LogLevel.debug)
+    try:
+        assert stream_debug()
+    finally:
+        stream_levels.clearLogLevels()
+    stream_levels.setLogLevelForNamespace("stripeproxy", LogLevel.debug)  # a parent
+    try:
+        assert stream_debug()
+    finally:
+        stream_levels.clearLogLevels()
+    assert not stream_debug()

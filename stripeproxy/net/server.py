@@ -22,7 +22,7 @@ from stripeproxy.core.session import (
     StreamClosed,
     StreamReset,
 )
-from stripeproxy.net.access import TARGET_LIMIT, StreamRecords, stream_log
+from stripeproxy.net.access import TARGET_LIMIT, StreamRecords, stream_debug, stream_log
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.target import (
     TargetDenied,
@@ -94,12 +94,13 @@ class ServerSessionDriver(SessionDriver):
         stream_id, host, port = event.stream_id, event.host, event.port
         name = format_host_port(host, port)
         self.records.opened(stream_id, name, self.clock.seconds())
-        stream_log.debug(
-            "session {s}: stream {id} -> {target}",
-            s=self.label,
-            id=stream_id,
-            target=printable(name, TARGET_LIMIT),
-        )
+        if stream_debug():
+            stream_log.debug(
+                "session {s}: stream {id} -> {target}",
+                s=self.label,
+                id=stream_id,
+                target=printable(name, TARGET_LIMIT),
+            )
         # Every target is resolved and every address checked (SPEC.md section
         # 8); only a checked literal is dialled, so a name cannot resolve to
         # something else between the check and the connect.
