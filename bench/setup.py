@@ -11,7 +11,9 @@ shows up in it.  Cases, measured back to back in each repetition:
 - ``relay tcp``: a pair of plain Twisted relays (:mod:`bench.relay`), the
   two-process shape of the overlay without SOCKS, session or striping: what
   any Twisted proxy pays per connection (two accepts, one dial);
-- ``overlay tls K=6``: through stripe-client and stripe-server.
+- ``overlay tls K=6``: through stripe-client and stripe-server (the goal's case);
+- ``overlay tls K=1``: the same with one subflow, so that per-session work
+  that grows with K (loops over subflows on every flush) shows.
 
 Besides the rate, a second probe measures CONNECT-to-first-byte: from
 ``connect()`` to the first byte of a target that greets on accept (the
@@ -42,6 +44,7 @@ from bench.common import Context
 from bench.procs import (
     BenchError,
     CpuWindow,
+    OverlayPair,
     Proc,
     ProcessGroup,
     free_port,
@@ -240,13 +243,17 @@ def _start_relay(g: ProcessGroup, target_port: int) -> tuple[int, dict[str, Proc
     return p_cli, {"client": cli, "server": srv}
 
 
+def _procs(pair: OverlayPair) -> dict[str, Proc]:
+    return {"client": pair.client, "server": pair.server}
+
+
 def run(ctx: Context) -> ScenarioReport:
     count = 300 if ctx.quick else 1500
     report = ScenarioReport(
         "setup",
         f"setup: {count} sequential sessions (connect, CONNECT, 1-byte echo, close)",
         sysctl("net.ipv4.tcp_congestion_control"),
-        {"sessions": count, "k": 6, "tls": True},
+        {"sessions": count, "k": [6, 1], "tls": True},
     )
     fig: dict[tuple[str, str], list[float | None]] = collections.defaultdict(list)
     units: dict[str, str] = {}
@@ -263,12 +270,14 @@ def run(ctx: Context) -> ScenarioReport:
         hello = ("127.0.0.1", ports["hello"])
         relay_port, relay_procs = _start_relay(g, ports["echo"])
         overlay = start_overlay(g, ctx.keys)
-        overlay_procs = {"client": overlay.client, "server": overlay.server}
-        run_json(probe_argv(overlay.socks, echo, 50))  # warm-up
+        single = start_overlay(g, ctx.keys, k=1)
+        for pair in (overlay, single):
+            run_json(probe_argv(pair.socks, echo, 50))  # warm-up
         cases: list[tuple[str, tuple[str, int], bool, dict[str, Proc]]] = [
             ("direct", echo, False, {}),
             ("relay tcp", ("127.0.0.1", relay_port), False, relay_procs),
-            ("overlay tls K=6", overlay.socks, True, overlay_procs),
+            ("overlay tls K=6", overlay.socks, True, _procs(overlay)),
+            ("overlay tls K=1", single.socks, True, _procs(single)),
         ]
         for rep in range(ctx.reps):
             for case, entry, socks, procs in cases:
@@ -304,8 +313,9 @@ def run(ctx: Context) -> ScenarioReport:
                     log.warning("setup %s rep %d failed: %s", case, rep + 1, e)
                     report.notes.append(f"{case} rep {rep + 1} failed: {e}")
             log.info("setup rep %d done", rep + 1)
-        overlay.client.check()
-        overlay.server.check()
+        for pair in (overlay, single):
+            pair.client.check()
+            pair.server.check()
     for (case, metric), reps in fig.items():
         goal = None
         if case == "overlay tls K=6" and metric == "sessions/s":
