@@ -10,15 +10,10 @@ resolver (``getaddrinfo`` in a thread) is asked only about names.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from twisted.internet._resolver import HostResolution
-from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IHostnameResolver, IResolutionReceiver
+from test_logs import _Resolver  # every name resolves to one address; questions recorded
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel
-from zope.interface import implementer
 
 from stripeproxy.core import control, wire
 from stripeproxy.core.policy import TargetPolicy, parse_rule
@@ -63,30 +58,6 @@ def test_a_refused_open_is_answered_with_no_clock_advance() -> None:
 # ------------------------------------------------------------ the server's dial
 
 
-@implementer(IHostnameResolver)
-class _RecordingResolver:
-    """Every name resolves to ``address``; each question is recorded."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.asked: list[str] = []
-
-    def resolveHostName(
-        self,
-        resolutionReceiver: IResolutionReceiver,
-        hostName: str,
-        portNumber: int = 0,
-        addressTypes: Any = None,
-        transportSemantics: str = "TCP",
-    ) -> HostResolution:
-        self.asked.append(hostName)
-        resolution = HostResolution(hostName)
-        resolutionReceiver.resolutionBegan(resolution)
-        resolutionReceiver.addressResolved(IPv4Address("TCP", self.address, portNumber))
-        resolutionReceiver.resolutionComplete()
-        return resolution
-
-
 class _Subflow:
     def __init__(self) -> None:
         self.sid = 0
@@ -97,7 +68,7 @@ class _Subflow:
         """Not needed here."""
 
 
-def _server(resolver: _RecordingResolver) -> tuple[ServerSessionDriver, MemoryReactorClock]:
+def _server(resolver: _Resolver) -> tuple[ServerSessionDriver, MemoryReactorClock]:
     reactor = MemoryReactorClock()  # type: ignore[no-untyped-call]
     reactor.nameResolver = resolver
     policy = TargetPolicy(allow=[parse_rule("127.0.0.0/8"), parse_rule("::1/128")])
@@ -115,7 +86,7 @@ def _open(driver: ServerSessionDriver, stream_id: int, host: str, port: int) -> 
 
 @pytest.mark.parametrize("literal", ["127.0.0.1", "::1"])
 def test_a_literal_target_is_dialled_without_asking_the_resolver(literal: str) -> None:
-    resolver = _RecordingResolver("127.0.0.1")
+    resolver = _Resolver("127.0.0.1")
     driver, reactor = _server(resolver)
     _open(driver, 1, literal, 8080)
     assert resolver.asked == []
@@ -124,7 +95,7 @@ def test_a_literal_target_is_dialled_without_asking_the_resolver(literal: str) -
 
 
 def test_a_name_is_resolved_once_and_its_checked_address_dialled_as_a_literal() -> None:
-    resolver = _RecordingResolver("127.0.0.1")
+    resolver = _Resolver("127.0.0.1")
     driver, reactor = _server(resolver)
     _open(driver, 1, "echo.example", 8080)
     # HostnameEndpoint asked the resolver again about the literal it was given.
