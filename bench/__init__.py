@@ -4,7 +4,7 @@ It lives beside the product, not in its wheel: run it from a checkout, in
 an environment where stripeproxy is installed (``scripts/test`` or
 ``scripts/run-local`` make ``.venv``), as ``.venv/bin/python -m bench``.
 
-The loopback scenarios (loopback, memory, latency) need nothing more.  The
+The loopback scenarios (loopback, memory, latency, setup) need nothing more.  The
 WAN scenarios (wan, degraded) need **root and network namespaces**
 (``ip netns``) and a link emulator: ``--wanem DIR`` or ``$STRIPE_WANEM``
 naming a wanem-style userspace emulator, else kernel ``tc netem`` when the
@@ -28,6 +28,6 @@ Modules:
 - :mod:`.procs` -- starting and watching processes, ``/proc`` readers.
 - :mod:`.machine` -- what machine and software a result came from.
 - :mod:`.link` -- the emulated WAN link (wanem or netem) and how it is found.
-- :mod:`.loopback`, :mod:`.memory`, :mod:`.latency`, :mod:`.wan`,
+- :mod:`.loopback`, :mod:`.memory`, :mod:`.latency`, :mod:`.setup`, :mod:`.wan`,
   :mod:`.degraded` -- the scenarios.
 """

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import degraded, latency, link, loopback, memory, wan
+from bench import degraded, latency, link, loopback, memory, setup, wan
 from bench.common import Context
 from bench.machine import machine_info
 from bench.procs import make_keys
@@ -35,7 +35,7 @@ from bench.stats import (
 
 log = logging.getLogger("bench")
 
-SCENARIOS = ("loopback", "memory", "latency", "wan", "degraded")
+SCENARIOS = ("loopback", "memory", "latency", "setup", "wan", "degraded")
 
 
 def _csv(text: str) -> list[str]:
@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scenarios",
         type=_csv,
         default=list(SCENARIOS),
-        help="comma list of loopback,memory,latency,wan,degraded (default: all)",
+        help="comma list of loopback,memory,latency,setup,wan,degraded (default: all)",
     )
     ap.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes and counts")
@@ -207,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "loopback": loopback.run,
             "memory": memory.run,
             "latency": latency.run,
+            "setup": setup.run,
         }
         ctx.extra["on_report"] = writer.add
         for name in a.scenarios:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Set
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import ILogObserver
 from twisted.python.failure import Failure
 
@@ -23,12 +22,12 @@ from stripeproxy.core.session import (
     StreamClosed,
     StreamReset,
 )
-from stripeproxy.net.access import TARGET_LIMIT, StreamRecords, stream_log
+from stripeproxy.net.access import TARGET_LIMIT, StreamRecords, stream_debug, stream_log
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.target import (
-    _TARGET_FACTORY,
     TargetDenied,
     TargetProtocol,
+    dial_literal,
     reply_code_for,
     resolve,
 )
@@ -95,12 +94,13 @@ class ServerSessionDriver(SessionDriver):
         stream_id, host, port = event.stream_id, event.host, event.port
         name = format_host_port(host, port)
         self.records.opened(stream_id, name, self.clock.seconds())
-        stream_log.debug(
-            "session {s}: stream {id} -> {target}",
-            s=self.label,
-            id=stream_id,
-            target=printable(name, TARGET_LIMIT),
-        )
+        if stream_debug():
+            stream_log.debug(
+                "session {s}: stream {id} -> {target}",
+                s=self.label,
+                id=stream_id,
+                target=printable(name, TARGET_LIMIT),
+            )
         # Every target is resolved and every address checked (SPEC.md section
         # 8); only a checked literal is dialled, so a name cannot resolve to
         # something else between the check and the connect.
@@ -116,10 +116,7 @@ class ServerSessionDriver(SessionDriver):
         )
 
     def _dial(self, address: str, port: int) -> defer.Deferred[TargetProtocol]:
-        endpoint = HostnameEndpoint(
-            self.settings.reactor, address, port, timeout=self.settings.connect_timeout
-        )
-        return cast("defer.Deferred[TargetProtocol]", endpoint.connect(_TARGET_FACTORY))
+        return dial_literal(self.settings.reactor, address, port, self.settings.connect_timeout)
 
     def _permitted(
         self, addresses: list[str], stream_id: int, name: str, port: int
