@@ -267,7 +267,7 @@ class SessionBase:
 
     def _next_data(self, now: float) -> Transmit | None:
         """Place one chunk (see :class:`~.sender.Sender`) and account for it."""
-        out = self._sender.next(self._recovery.subflow_list)
+        out = self._sender.next(self._recovery.usable())
         if out is None:
             return None
         sf, chunk, is_retx = out

@@ -15,6 +15,10 @@ from stripeproxy.core.session.stream import Chunk, Stream
 
 #: The cumulative byte counters of a subflow (and of the session).
 DIRECTIONS = ("tx_real", "tx_dummy", "rx_real", "rx_dummy")
+#: A subflow this many times slower (by RTT) than the fastest other one, and
+#: delivering this many times less than the best one, holds a hole long enough
+#: that a copy on a fast subflow arrives first (see :meth:`Recovery.reinject_due`).
+SLOW_FACTOR = 4.0
 
 
 class SubflowState:
@@ -103,9 +107,14 @@ class Recovery:
         # Streams whose head-of-line chunk may need re-injection, and when.
         self.reinject_checks: dict[Stream, float] = {}
         self.retransmitted = 0
-        self.reinjected = 0
+        self.reinjected = 0  # bytes re-sent to unblock a hole (head-of-line)
         self.timeouts = 0
+        # Bytes queued to go again, by cause (some are acknowledged before they
+        # go, so these bound what timeouts and lost subflows cost on the wire).
+        self.requeued_timeout = 0
+        self.requeued_lost = 0
         self.subflows_lost = 0
+        self._usable: list[SubflowState] | None = None  # see usable()
         self._retired = dict.fromkeys(DIRECTIONS, 0)  # counters of subflows gone
 
     # ----------------------------------------------------------- membership
@@ -114,6 +123,7 @@ class Recovery:
         sf = SubflowState(sid, now)
         self.subflows[sid] = sf
         self.subflow_list.append(sf)
+        self._usable = None
         return sf
 
     def remove(self, sid: int, streams: list[Stream]) -> list[Chunk] | None:
@@ -123,6 +133,7 @@ class Recovery:
         if sf is None:
             return None
         self.subflow_list.remove(sf)
+        self._usable = None
         self.subflows_lost += 1
         for name in DIRECTIONS:
             self._retired[name] += getattr(sf, name)
@@ -135,6 +146,7 @@ class Recovery:
                     chunk.sid = None
                     chunk.avoid = None
                     requeue.append(chunk)
+                    self.requeued_lost += len(chunk.data)
             if send.unacked and send.fin_offset is not None and send.next_offset == send.fin_offset:
                 # The peer may have received everything and finished the stream;
                 # then it cannot repeat a final ACK lost with this subflow.  Send
@@ -144,6 +156,7 @@ class Recovery:
                 if chunk.sid is not None:
                     self.release(chunk)
                     requeue.append(chunk)
+                    self.requeued_lost += len(chunk.data)
         if len(self.subflow_list) < 2:
             self.reinject_checks.clear()  # nowhere else to re-inject to
         return requeue
@@ -151,7 +164,30 @@ class Recovery:
     def clear(self) -> None:
         self.subflows.clear()
         self.subflow_list.clear()
+        self._usable = None
         self.reinject_checks.clear()
+
+    def usable(self) -> list[SubflowState]:
+        """The subflows new chunks may go on: the healthy ones, or all if none is.
+
+        A suspect subflow gets nothing while a healthy one exists, even when
+        every healthy one is momentarily full: a stalled subflow that takes
+        a chunk whenever the others are busy (a fast sender keeps them busy)
+        holds a hole for a whole timeout each time, and with a few of those
+        in one credit window the stream crawls (SPEC.md section 6).  The list
+        is kept between calls, since the scheduler reads it for every chunk.
+        """
+        usable = self._usable
+        if usable is None:
+            usable = [sf for sf in self.subflow_list if not sf.suspect] or list(self.subflow_list)
+            self._usable = usable
+        return usable
+
+    def set_suspect(self, sf: SubflowState, suspect: bool) -> None:
+        """Mark ``sf`` stalled (a chunk timed out there) or alive again (a sign of life)."""
+        if sf.suspect != suspect:
+            sf.suspect = suspect
+            self._usable = None
 
     # ------------------------------------------------------------- per chunk
 
@@ -168,7 +204,7 @@ class Recovery:
         if sf is None:
             return
         sf.inflight -= len(chunk.data)
-        sf.suspect = False
+        self.set_suspect(sf, False)
         if chunk.retries == 0 and not chunk.reinjected:
             sf.rtt_sample(now - chunk.sent_at)
         sf.goodput_sample(len(chunk.data), now)
@@ -204,35 +240,41 @@ class Recovery:
 
         TCP does not lose data, so a timeout means the subflow is stalled (a
         black hole, a dead path not yet detected) or far slower than its RTT
-        said; the subflow is marked suspect so the scheduler prefers others
-        until it shows a sign of life.
+        said; the subflow is marked suspect so that it gets no new chunks
+        until it shows a sign of life (:meth:`usable`).  TCP also delivers in
+        order: nothing sent on ``sf`` after the overdue chunk can arrive before
+        it, so every chunk in flight there goes again at once, not each one
+        a timeout later (a dead path would otherwise stall the stream for as
+        many timeouts as it held holes in one credit window).
         """
-        expired = False
+        expiry = self.rto_expiry(sf)
+        if expiry is None or now < expiry:
+            return [], False
+        requeue: list[Chunk] = []
         # Another copy only helps on another subflow: on this one TCP already
         # delivers it, or the subflow dies and remove() hands it back.
-        elsewhere = any(s is not sf and not s.suspect for s in self.subflow_list)
-        kept: list[tuple[float, Chunk]] = []
-        requeue: list[Chunk] = []
-        while True:
-            expiry = self.rto_expiry(sf)
-            if expiry is None or now < expiry:
-                break
-            chunk = sf.oldest()
-            assert chunk is not None
-            sf.sent.popleft()
-            chunk.retries += 1  # backs the next timeout off, and no RTT sample
+        if any(s is not sf and not s.suspect for s in self.subflow_list):
             self.timeouts += 1
-            expired = True
-            if not elsewhere:
+            while (chunk := sf.oldest()) is not None:
+                sf.sent.popleft()
+                chunk.retries += 1  # backs its next timeout off, and no RTT sample
+                self.release(chunk)
+                requeue.append(chunk)
+                self.requeued_timeout += len(chunk.data)
+        else:
+            kept: list[tuple[float, Chunk]] = []
+            while expiry is not None and now >= expiry:
+                chunk = sf.oldest()
+                assert chunk is not None
+                sf.sent.popleft()
+                chunk.retries += 1
+                self.timeouts += 1
                 chunk.sent_at = now  # watched afresh from now, with the longer timeout
                 kept.append((now, chunk))
-                continue
-            self.release(chunk)
-            requeue.append(chunk)
-        sf.sent.extend(kept)
-        probe = expired and not sf.suspect
-        if probe:
-            sf.suspect = True
+                expiry = self.rto_expiry(sf)
+            sf.sent.extend(kept)
+        probe = not sf.suspect
+        self.set_suspect(sf, True)
         return requeue, probe
 
     # ------------------------------------------------------------ re-injection
@@ -240,17 +282,14 @@ class Recovery:
     def reinject(self, st: Stream, head: Chunk, now: float) -> bool:
         """The receiver holds a quarter of the window beyond a hole: True if the
         hole (``head``) should go again now, on a faster subflow (at most once
-        per chunk); the caller re-queues it first in line.
-
-        "Slow" means the chunk is older than twice the fastest other subflow's
-        RTT; if it is not yet, the check is planned for when it would be.
+        per chunk); the caller re-queues it first in line.  When is in
+        :meth:`reinject_due`; a check that is not due yet is planned for then.
         """
         if head.reinjected or head.sid is None or len(self.subflow_list) < 2:
             return False
-        others = [sf.srtt for sf in self.subflow_list if sf.sid != head.sid and sf.srtt is not None]
-        if not others:
+        due = self.reinject_due(head)
+        if due is None:
             return False
-        due = head.sent_at + 2 * min(others) + self.config.ack_delay
         if now < due:
             self.reinject_checks[st] = due
             return False
@@ -259,6 +298,46 @@ class Recovery:
         self.reinjected += len(head.data)
         self.release(head)
         return True
+
+    def reinject_due(self, head: Chunk) -> float | None:
+        """When the hole ``head`` counts as stuck (None: no other healthy subflow measured).
+
+        A copy only helps if it beats the original.  Where the head's subflow
+        is *slow* -- another subflow has a quarter of its RTT and another
+        delivers four times its goodput (:data:`SLOW_FACTOR`) -- a copy on a
+        fast one arrives first, so the head goes again once it is older than
+        twice the fastest other subflow's RTT.  Otherwise the head must be
+        overdue on its *own* subflow, by the measure of a timeout without its
+        floor (twice its RTT plus four deviations).
+
+        Both tests matter on a loss-free path.  RTT samples include the
+        queueing a chunk meets on its subflow (the transport's buffer, the
+        kernel's backlog, the receiver's turn to read it), so the subflow the
+        scheduler keeps busiest has the longest RTT without being slow: it
+        also has the highest goodput.  Comparing a head's age with the RTT
+        of an idle subflow alone re-sent ordinary queueing (issue 11: 0.3 to
+        1 % of a loopback transfer went twice).  A subflow that stalls (a
+        black hole) is not slow by these measures, since its RTT is not
+        sampled while it stalls: :meth:`expire` moves its chunks on, and
+        :meth:`usable` keeps new ones off it.
+        """
+        others = [
+            sf
+            for sf in self.subflow_list
+            if sf.sid != head.sid and sf.srtt is not None and not sf.suspect
+        ]
+        if not others:
+            return None
+        fastest = min(sf.srtt for sf in others if sf.srtt is not None)
+        ack_delay = self.config.ack_delay
+        due = head.sent_at + 2 * fastest + ack_delay
+        own = self.subflows.get(head.sid) if head.sid is not None else None
+        if own is None or own.srtt is None:
+            return due  # nothing measured there: judged by the others alone
+        best = max(sf.goodput for sf in others)
+        if own.srtt >= SLOW_FACTOR * fastest and SLOW_FACTOR * own.goodput <= best:
+            return due
+        return max(due, head.sent_at + 2 * own.srtt + 4 * own.rttvar + ack_delay)
 
     def due_checks(self, now: float) -> list[Stream]:
         """Streams whose planned re-injection check is due (and no longer planned)."""
@@ -292,5 +371,7 @@ class Recovery:
         totals["retransmitted"] = self.retransmitted
         totals["reinjected"] = self.reinjected
         totals["timeouts"] = self.timeouts
+        totals["requeued_timeout"] = self.requeued_timeout
+        totals["requeued_lost"] = self.requeued_lost
         totals["subflows_lost"] = self.subflows_lost
         return totals

@@ -258,7 +258,7 @@ class Session(SessionBase):
         elif isinstance(frame, wire.Ping):
             self._emit(sf, [wire.encode_pong(frame.token, self.config.crc)], now)
         elif isinstance(frame, wire.Pong):
-            sf.suspect = False
+            self._recovery.set_suspect(sf, False)
             rtt = now - frame.token / 1e6
             if rtt < 3600:
                 sf.rtt_sample(rtt)
