@@ -300,26 +300,27 @@ class Recovery:
         return True
 
     def reinject_due(self, head: Chunk) -> float | None:
-        """When the hole ``head`` counts as stuck (None: no other healthy subflow measured).
+        """When the hole ``head`` counts as stuck behind a slow subflow (None: never).
 
         A copy only helps if it beats the original.  Where the head's subflow
         is *slow* -- another subflow has a quarter of its RTT and another
         delivers four times its goodput (:data:`SLOW_FACTOR`) -- a copy on a
         fast one arrives first, so the head goes again once it is older than
-        twice the fastest other subflow's RTT.  Otherwise the head must be
-        overdue on its *own* subflow, by the measure of a timeout without its
-        floor (twice its RTT plus four deviations).
+        twice the fastest other subflow's RTT.  A head on a subflow that is
+        not slow is left to the timeout: if that subflow stalls, :meth:`expire`
+        moves the head and everything behind it, and :meth:`usable` keeps new
+        chunks off it; if it merely hiccups, the timeout's floor (``min_rto``)
+        lets it recover on its own, as TCP's own floor does.
 
-        Both tests matter on a loss-free path.  RTT samples include the
-        queueing a chunk meets on its subflow (the transport's buffer, the
-        kernel's backlog, the receiver's turn to read it), so the subflow the
-        scheduler keeps busiest has the longest RTT without being slow: it
-        also has the highest goodput.  Comparing a head's age with the RTT
-        of an idle subflow alone re-sent ordinary queueing (issue 11: 0.3 to
-        1 % of a loopback transfer went twice).  A subflow that stalls (a
-        black hole) is not slow by these measures, since its RTT is not
-        sampled while it stalls: :meth:`expire` moves its chunks on, and
-        :meth:`usable` keeps new ones off it.
+        RTT samples include the queueing a chunk meets on its subflow (the
+        transport's buffer, the kernel's backlog, the receiver's turn to read
+        it), so the subflow the scheduler keeps busiest has the longest RTT
+        without being slow: it also has the highest goodput.  Comparing a
+        head's age with the RTT of an idle subflow alone re-sent ordinary
+        queueing (issue 11: 0.15 to 0.34 % of a loopback transfer went
+        twice); comparing it with its own subflow's RTT and deviation still
+        re-sent a few chunks per GiB, delayed 25-90 ms on a loopback whose
+        RTT was 10 ms when the host was busy.
         """
         others = [
             sf
@@ -329,15 +330,14 @@ class Recovery:
         if not others:
             return None
         fastest = min(sf.srtt for sf in others if sf.srtt is not None)
-        ack_delay = self.config.ack_delay
-        due = head.sent_at + 2 * fastest + ack_delay
+        due = head.sent_at + 2 * fastest + self.config.ack_delay
         own = self.subflows.get(head.sid) if head.sid is not None else None
         if own is None or own.srtt is None:
             return due  # nothing measured there: judged by the others alone
         best = max(sf.goodput for sf in others)
         if own.srtt >= SLOW_FACTOR * fastest and SLOW_FACTOR * own.goodput <= best:
             return due
-        return max(due, head.sent_at + 2 * own.srtt + 4 * own.rttvar + ack_delay)
+        return None
 
     def due_checks(self, now: float) -> list[Stream]:
         """Streams whose planned re-injection check is due (and no longer planned)."""
@@ -375,3 +375,4 @@ class Recovery:
         totals["requeued_lost"] = self.requeued_lost
         totals["subflows_lost"] = self.subflows_lost
         return totals
+
