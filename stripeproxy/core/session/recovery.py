@@ -375,4 +375,3 @@ class Recovery:
         totals["requeued_lost"] = self.requeued_lost
         totals["subflows_lost"] = self.subflows_lost
         return totals
-
