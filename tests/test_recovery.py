@@ -258,3 +258,42 @@ def test_requeued_bytes_are_counted_by_cause() -> None:
     counters = pair.client.counters()
     assert counters["requeued_lost"] == held
     assert counters["requeued_timeout"] == 0
+
+
+def test_a_lost_grant_is_repeated() -> None:
+    """The peer sent up to our limit and everything it sent is acknowledged,
+    so it has nothing to time out; the ACK that grants more is lost (a black
+    hole on the ACK path).  Without a repeat both sides would wait for each
+    other until the dead interval; the receiver repeats the grant after a
+    timeout instead (SPEC.md section 6)."""
+    pair = SessionPair(k=2, config=SessionConfig(dead_interval=60.0))
+    stream_id = pair.open_stream()
+    run_until(pair, lambda: pair.client_owner.open_results)
+    pair.sink_paused(CLIENT, stream_id, True)  # the local app reads nothing for now
+    data = payload(21, 1 * MiB)
+    pair.write(SERVER, stream_id, data, eof=True)
+    pair.settle()
+    pair.advance(0.05)
+    pair.settle()
+    send = pair.server._streams[stream_id].send
+    assert send.next_offset == send.limit and not send.unacked  # blocked, nothing in flight
+    pair.sink_paused(CLIENT, stream_id, False)  # the app reads: the client grants more
+    carriers = [
+        s for s in pair.alive if any(isinstance(f, wire.Ack) for f in pair.in_flight(s, C2S))
+    ]
+    assert carriers
+    for sid in carriers:
+        assert pair.swallow(sid, C2S)  # the grant is lost on the way
+    limit = send.limit
+    pair.settle()
+    assert send.limit == limit  # nothing else tells the server
+    run_until(pair, lambda: pair.client_owner.finished(stream_id) or bool(pair.client_owner.eofs))
+    assert pair.client_owner.data(stream_id) == data
+    counters = pair.server.counters()
+    assert counters["retransmitted"] == 0 and counters["timeouts"] == 0
+    assert pair.client.counters()["subflows_lost"] == 0
+    pair.write(CLIENT, stream_id, b"", eof=True)
+    pair.settle()
+    pair.assert_idle()
+    pair.shutdown()
+    assert pair.clock.getDelayedCalls() == []

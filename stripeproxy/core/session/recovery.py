@@ -97,6 +97,17 @@ class SubflowState:
         return None
 
 
+class GrantWatch:
+    """A limit the peer reached, and when to repeat the ACK that raised it."""
+
+    __slots__ = ("due", "interval", "limit")
+
+    def __init__(self, limit: int, interval: float) -> None:
+        self.limit = limit
+        self.due: float | None = None  # None: we have not granted more yet
+        self.interval = interval
+
+
 class Recovery:
     """The session's subflows and its retransmission decisions."""
 
@@ -106,6 +117,8 @@ class Recovery:
         self.subflow_list: list[SubflowState] = []  # in join order (the scheduler's view)
         # Streams whose head-of-line chunk may need re-injection, and when.
         self.reinject_checks: dict[Stream, float] = {}
+        # Streams whose peer reached the credit limit we announced (peer_at_limit()).
+        self.credit_checks: dict[Stream, GrantWatch] = {}
         self.retransmitted = 0
         self.reinjected = 0  # bytes re-sent to unblock a hole (head-of-line)
         self.timeouts = 0
@@ -166,6 +179,7 @@ class Recovery:
         self.subflow_list.clear()
         self._usable = None
         self.reinject_checks.clear()
+        self.credit_checks.clear()
 
     def usable(self) -> list[SubflowState]:
         """The subflows new chunks may go on: the healthy ones, or all if none is.
@@ -346,10 +360,59 @@ class Recovery:
             del self.reinject_checks[st]
         return due
 
+    # ------------------------------------------------------ lost window updates
+
+    def peer_at_limit(self, st: Stream) -> None:
+        """The peer's DATA reached the limit we announced for ``st``: it waits for
+        our next grant, and only an ACK tells it.
+
+        Any other lost ACK is repaired by the next one, or by the peer's
+        timeout.  Not this one: a peer that sent up to our limit and had
+        everything acknowledged has nothing in flight to time out, and we
+        send nothing more until it sends, so a grant lost with a stalled
+        subflow (a black hole on the ACK path) would stall the stream until
+        the dead interval.  Hence TCP's persist timer, from our side: once we
+        grant more (:meth:`granted`), if nothing beyond the old limit arrives
+        within a timeout, the ACK goes again (on another subflow, as ACKs take
+        turns), backing off; at ``max_rto`` the peer evidently had no more to send.
+        """
+        if st not in self.credit_checks:
+            self.credit_checks[st] = GrantWatch(st.recv.advertised, self._persist_interval())
+
+    def granted(self, now: float) -> None:
+        """ACKs went out: start the clock for each watched stream that got more credit."""
+        for st, watch in self.credit_checks.items():
+            if watch.due is None and st.recv.advertised > watch.limit:
+                watch.due = now + watch.interval
+
+    def credit_used(self, st: Stream, end: int) -> None:
+        """DATA up to ``end`` arrived: beyond the watched limit, our grant got through."""
+        watch = self.credit_checks.get(st)
+        if watch is not None and end > watch.limit:
+            del self.credit_checks[st]
+
+    def due_grants(self, now: float) -> list[Stream]:
+        """Streams whose grant seems lost: repeat their ACK now (planned again, backed off)."""
+        out: list[Stream] = []
+        for st, watch in list(self.credit_checks.items()):
+            if watch.due is None or now < watch.due:
+                continue
+            final = st.recv.final
+            interval = 2 * watch.interval
+            if (final is not None and final <= watch.limit) or interval > self.config.max_rto:
+                del self.credit_checks[st]  # nothing more is coming
+                continue
+            out.append(st)
+            watch.due, watch.interval = now + interval, interval
+        return out
+
+    def _persist_interval(self) -> float:
+        return min((self.rto(sf) for sf in self.usable()), default=self.config.initial_rto)
+
     # ---------------------------------------------------------------- queries
 
     def deadlines(self) -> list[float]:
-        """Heartbeat, silence, RTO and re-injection deadlines."""
+        """Heartbeat, silence, RTO, re-injection and repeated-grant deadlines."""
         cfg = self.config
         out: list[float] = []
         for sf in self.subflow_list:
@@ -358,6 +421,7 @@ class Recovery:
             if expiry is not None:
                 out.append(expiry)
         out.extend(self.reinject_checks.values())
+        out.extend(w.due for w in self.credit_checks.values() if w.due is not None)
         return out
 
     def counters(self) -> dict[str, int]:
