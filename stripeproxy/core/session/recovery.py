@@ -3,7 +3,10 @@
 :class:`Recovery` keeps the subflows' measured state and decides what must
 go again; it never queues anything itself: :meth:`Recovery.expire`,
 :meth:`Recovery.reinject` and :meth:`Recovery.remove` return the chunks to
-re-queue, and the session puts them back on their streams.
+re-queue, and the session puts them back on their streams.  It also says
+which subflows may take new chunks (:meth:`Recovery.usable`) and which
+streams must repeat a grant their peer may never have seen
+(:meth:`Recovery.due_grants`).
 """
 
 from __future__ import annotations
