@@ -23,6 +23,7 @@ import pytest_twisted
 from helpers import (
     SOCKET_TIMEOUT,
     CountingFactory,
+    DigestSink,
     DigestSinkFactory,
     DownloadFactory,
     EchoFactory,
@@ -628,3 +629,75 @@ async def test_black_hole_on_the_ack_path(cleanup, keys, tls):
     assert len(data) == SIZE + 32
     assert hashlib.sha256(data[:-32]).digest() == data[-32:] == target.factory.digest
     assert lost(client_driver) == 0, "the download waited for the dead interval"
+
+
+# ------------------------------------- failover: a black hole at a 50 ms RTT
+
+
+class GapSink(DigestSink):
+    """A digest sink that also notes the longest pause between arrivals since
+    its factory's ``since`` (for the report only: nothing asserts a wall time)."""
+
+    factory: GapSinkFactory
+
+    def dataReceived(self, data: bytes) -> None:
+        now = time.monotonic()
+        factory = self.factory
+        if factory.since is not None:
+            factory.longest = max(factory.longest, now - max(factory.last, factory.since))
+        factory.last = now
+        super().dataReceived(data)
+
+
+class GapSinkFactory(CountingFactory):
+    protocol = GapSink
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.since: float | None = None
+        self.last = 0.0
+        self.longest = 0.0
+
+
+@pytest.mark.parametrize("tls", MODES)
+@pytest_twisted.ensureDeferred
+async def test_black_hole_fails_over_before_the_dead_interval(cleanup, keys, tls):
+    """Every link 25 ms each way; the busiest one black-holes mid-upload.
+
+    SPEC.md section 6: the chunk that times out there, and every chunk behind
+    it, go on the other subflows at once, and the suspect subflow gets no new
+    chunk; the upload completes bit-exact long before the 30 s dead interval
+    would have noticed (no subflow is lost on either side).
+    """
+    options = ["--heartbeat", "1", "--dead-interval", "30", "--grace", "10"]
+    sink = GapSinkFactory()
+    target = await start_target(cleanup, sink)
+    server = await start_server(cleanup, keys, tls, options)
+    relay, relay_port = await start_relay(cleanup, "127.0.0.1", server.port)
+    client = await start_client(cleanup, keys, relay_port, tls, K, [*options, "--retry-max", "1"])
+    pair = Pair(server, client, tls)
+    await pair.wait_established()
+    for link in relay.live():
+        link.set_delay(0.025)
+    client_driver, server_driver = pair.client_driver(), pair.server_driver()
+    transfer = in_thread(upload, pair.socks_port, target.port, SIZE, 13)
+    await under_way(relay, transfer, 8 * MiB)
+    before = {link: link.up.passed for link in relay.live()}
+    await sleep(0.2)
+    victim = max(before, key=lambda link: link.up.passed - before[link])
+    assert not transfer.called, "the upload finished before the fault could be injected"
+    victim.blackhole()
+    sink.since = time.monotonic()
+    answer, expected = await transfer
+    counters = client_driver.counters()
+    print(
+        f"\nblack hole at 50 ms RTT {mode(tls)}: longest pause at the target "
+        f"{sink.longest:.2f} s (wall, loaded machine); client timeouts {counters['timeouts']}, "
+        f"re-queued {counters['requeued_timeout'] / MiB:.1f} MiB by timeouts, "
+        f"{counters['reinjected'] / MiB:.1f} MiB re-injected; "
+        f"swallowed {victim.up.dropped / MiB:.1f} MiB up"
+    )
+    assert answer == expected
+    assert victim.up.dropped > 0
+    assert counters["timeouts"] >= 1 and counters["requeued_timeout"] > 0
+    assert lost(client_driver) == 0 and lost(server_driver) == 0, "waited for the dead interval"

@@ -43,13 +43,24 @@ def test_expire_returns_the_overdue_chunks_and_asks_for_one_probe() -> None:
     assert recovery.rto_expiry(slow) == 1.0  # no RTT yet: the initial RTO
     assert recovery.expire(slow, 0.999) == ([], False)
     requeue, probe = recovery.expire(slow, 1.0)
-    assert requeue == [first] and probe  # only the first is overdue
-    assert first.sid is None and first.avoid == 1 and first.retries == 1
-    assert slow.suspect and slow.inflight == 1000
+    # Only the first is overdue, but TCP order holds the second behind it:
+    # both go again at once, and one PING probes the subflow.
+    assert requeue == [first, second] and probe
+    for chunk in (first, second):
+        assert chunk.sid is None and chunk.avoid == 1 and chunk.retries == 1
+    assert slow.suspect and slow.inflight == 0
     assert recovery.timeouts == 1
-    requeue, probe = recovery.expire(slow, 1.5)
-    assert requeue == [second] and not probe  # already suspect: no second PING
+    assert recovery.counters()["requeued_timeout"] == 2000
+    assert recovery.usable() == [fast]  # no new chunk for the stalled subflow
+    third = send(recovery, st, slow, 1000, now=1.0)  # say it was the only one writable
+    requeue, probe = recovery.expire(slow, 3.0)
+    assert requeue == [third] and not probe  # already suspect: no second PING
     assert fast.inflight == 0
+    recovery.acked(first, 3.1)  # a late ACK of a moved chunk is no sign of life here
+    assert slow.suspect
+    fourth = send(recovery, st, slow, 1000, now=3.1)
+    recovery.acked(fourth, 3.2)  # a chunk it carried is acknowledged: alive again
+    assert not slow.suspect and recovery.usable() == [slow, fast]
 
 
 def test_without_another_healthy_subflow_a_timeout_only_backs_off() -> None:

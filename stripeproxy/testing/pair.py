@@ -251,6 +251,21 @@ class SessionPair:
             self.on_delivery()
         return n
 
+    def swallow(self, sid: int, direction: Direction) -> int:
+        """Drop the frames in flight on one queue unseen, as a black hole that
+        keeps accepting bytes does (a middlebox that reads and discards): the
+        writer stays writable, unlike behind :meth:`hold`.  Returns how many."""
+        sf = self.subflows[sid]
+        queue = sf.queues[direction]
+        n = len(queue)
+        queue.clear()
+        sf.queued[direction] = 0
+        if sf.alive:
+            self._update_writable(sf, direction)
+        self._pump_sources()
+        self._after()
+        return n
+
     def inject(self, sid: int, direction: Direction, frames: Sequence[wire.Frame]) -> None:
         """Hand forged frames to the receiving side as if they came off subflow ``sid``."""
         receiver = self.server if direction == C2S else self.client

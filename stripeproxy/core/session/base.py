@@ -114,6 +114,8 @@ class SessionBase:
         acks = self._acks.flush(False, now, self._recovery.subflow_list, self._credit)
         if acks is None:
             return None
+        if self._recovery.credit_checks:
+            self._recovery.granted(now)
         sf, frames = acks
         self._account(sf, frames, now)
         return sf.sid, frames
@@ -203,6 +205,7 @@ class SessionBase:
         if not credit.data_streams:
             self._idle_deadline = None
         self._recovery.reinject_checks.pop(st, None)
+        self._recovery.credit_checks.pop(st, None)
         for chunk in st.send.unacked.values():
             self._recovery.release(chunk)
             chunk.done = True
@@ -267,7 +270,7 @@ class SessionBase:
 
     def _next_data(self, now: float) -> Transmit | None:
         """Place one chunk (see :class:`~.sender.Sender`) and account for it."""
-        out = self._sender.next(self._recovery.subflow_list)
+        out = self._sender.next(self._recovery.usable())
         if out is None:
             return None
         sf, chunk, is_retx = out
@@ -308,6 +311,8 @@ class SessionBase:
         out = self._acks.flush(force, now, self._recovery.subflow_list, self._credit)
         if out is not None:
             self._emit(out[0], out[1], now)
+            if self._recovery.credit_checks:
+                self._recovery.granted(now)
 
     def _maybe_window_update(self, st: Stream) -> None:
         if self._credit.update_due(st):

@@ -3,7 +3,10 @@
 :class:`Recovery` keeps the subflows' measured state and decides what must
 go again; it never queues anything itself: :meth:`Recovery.expire`,
 :meth:`Recovery.reinject` and :meth:`Recovery.remove` return the chunks to
-re-queue, and the session puts them back on their streams.
+re-queue, and the session puts them back on their streams.  It also says
+which subflows may take new chunks (:meth:`Recovery.usable`) and which
+streams must repeat a grant their peer may never have seen
+(:meth:`Recovery.due_grants`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from stripeproxy.core.session.stream import Chunk, Stream
 
 #: The cumulative byte counters of a subflow (and of the session).
 DIRECTIONS = ("tx_real", "tx_dummy", "rx_real", "rx_dummy")
+#: A subflow this many times slower (by RTT) than the fastest other one, and
+#: delivering this many times less than the best one, holds a hole long enough
+#: that a copy on a fast subflow arrives first (see :meth:`Recovery.reinject_due`).
+SLOW_FACTOR = 4.0
 
 
 class SubflowState:
@@ -93,6 +100,17 @@ class SubflowState:
         return None
 
 
+class GrantWatch:
+    """A limit the peer reached, and when to repeat the ACK that raised it."""
+
+    __slots__ = ("due", "interval", "limit")
+
+    def __init__(self, limit: int, interval: float) -> None:
+        self.limit = limit
+        self.due: float | None = None  # None: we have not granted more yet
+        self.interval = interval
+
+
 class Recovery:
     """The session's subflows and its retransmission decisions."""
 
@@ -102,10 +120,17 @@ class Recovery:
         self.subflow_list: list[SubflowState] = []  # in join order (the scheduler's view)
         # Streams whose head-of-line chunk may need re-injection, and when.
         self.reinject_checks: dict[Stream, float] = {}
+        # Streams whose peer reached the credit limit we announced (peer_at_limit()).
+        self.credit_checks: dict[Stream, GrantWatch] = {}
         self.retransmitted = 0
-        self.reinjected = 0
+        self.reinjected = 0  # bytes re-sent to unblock a hole (head-of-line)
         self.timeouts = 0
+        # Bytes queued to go again, by cause (some are acknowledged before they
+        # go, so these bound what timeouts and lost subflows cost on the wire).
+        self.requeued_timeout = 0
+        self.requeued_lost = 0
         self.subflows_lost = 0
+        self._usable: list[SubflowState] | None = None  # see usable()
         self._retired = dict.fromkeys(DIRECTIONS, 0)  # counters of subflows gone
 
     # ----------------------------------------------------------- membership
@@ -114,6 +139,7 @@ class Recovery:
         sf = SubflowState(sid, now)
         self.subflows[sid] = sf
         self.subflow_list.append(sf)
+        self._usable = None
         return sf
 
     def remove(self, sid: int, streams: list[Stream]) -> list[Chunk] | None:
@@ -123,6 +149,7 @@ class Recovery:
         if sf is None:
             return None
         self.subflow_list.remove(sf)
+        self._usable = None
         self.subflows_lost += 1
         for name in DIRECTIONS:
             self._retired[name] += getattr(sf, name)
@@ -135,6 +162,7 @@ class Recovery:
                     chunk.sid = None
                     chunk.avoid = None
                     requeue.append(chunk)
+                    self.requeued_lost += len(chunk.data)
             if send.unacked and send.fin_offset is not None and send.next_offset == send.fin_offset:
                 # The peer may have received everything and finished the stream;
                 # then it cannot repeat a final ACK lost with this subflow.  Send
@@ -144,6 +172,7 @@ class Recovery:
                 if chunk.sid is not None:
                     self.release(chunk)
                     requeue.append(chunk)
+                    self.requeued_lost += len(chunk.data)
         if len(self.subflow_list) < 2:
             self.reinject_checks.clear()  # nowhere else to re-inject to
         return requeue
@@ -151,7 +180,31 @@ class Recovery:
     def clear(self) -> None:
         self.subflows.clear()
         self.subflow_list.clear()
+        self._usable = None
         self.reinject_checks.clear()
+        self.credit_checks.clear()
+
+    def usable(self) -> list[SubflowState]:
+        """The subflows new chunks may go on: the healthy ones, or all if none is.
+
+        A suspect subflow gets nothing while a healthy one exists, even when
+        every healthy one is momentarily full: a stalled subflow that takes
+        a chunk whenever the others are busy (a fast sender keeps them busy)
+        holds a hole for a whole timeout each time, and with a few of those
+        in one credit window the stream crawls (SPEC.md section 6).  The list
+        is kept between calls, since the scheduler reads it for every chunk.
+        """
+        usable = self._usable
+        if usable is None:
+            usable = [sf for sf in self.subflow_list if not sf.suspect] or list(self.subflow_list)
+            self._usable = usable
+        return usable
+
+    def set_suspect(self, sf: SubflowState, suspect: bool) -> None:
+        """Mark ``sf`` stalled (a chunk timed out there) or alive again (a sign of life)."""
+        if sf.suspect != suspect:
+            sf.suspect = suspect
+            self._usable = None
 
     # ------------------------------------------------------------- per chunk
 
@@ -168,7 +221,7 @@ class Recovery:
         if sf is None:
             return
         sf.inflight -= len(chunk.data)
-        sf.suspect = False
+        self.set_suspect(sf, False)
         if chunk.retries == 0 and not chunk.reinjected:
             sf.rtt_sample(now - chunk.sent_at)
         sf.goodput_sample(len(chunk.data), now)
@@ -204,35 +257,41 @@ class Recovery:
 
         TCP does not lose data, so a timeout means the subflow is stalled (a
         black hole, a dead path not yet detected) or far slower than its RTT
-        said; the subflow is marked suspect so the scheduler prefers others
-        until it shows a sign of life.
+        said; the subflow is marked suspect so that it gets no new chunks
+        until it shows a sign of life (:meth:`usable`).  TCP also delivers in
+        order: nothing sent on ``sf`` after the overdue chunk can arrive before
+        it, so every chunk in flight there goes again at once, not each one
+        a timeout later (a dead path would otherwise stall the stream for as
+        many timeouts as it held holes in one credit window).
         """
-        expired = False
+        expiry = self.rto_expiry(sf)
+        if expiry is None or now < expiry:
+            return [], False
+        requeue: list[Chunk] = []
         # Another copy only helps on another subflow: on this one TCP already
         # delivers it, or the subflow dies and remove() hands it back.
-        elsewhere = any(s is not sf and not s.suspect for s in self.subflow_list)
-        kept: list[tuple[float, Chunk]] = []
-        requeue: list[Chunk] = []
-        while True:
-            expiry = self.rto_expiry(sf)
-            if expiry is None or now < expiry:
-                break
-            chunk = sf.oldest()
-            assert chunk is not None
-            sf.sent.popleft()
-            chunk.retries += 1  # backs the next timeout off, and no RTT sample
+        if any(s is not sf and not s.suspect for s in self.subflow_list):
             self.timeouts += 1
-            expired = True
-            if not elsewhere:
+            while (chunk := sf.oldest()) is not None:
+                sf.sent.popleft()
+                chunk.retries += 1  # backs its next timeout off, and no RTT sample
+                self.release(chunk)
+                requeue.append(chunk)
+                self.requeued_timeout += len(chunk.data)
+        else:
+            kept: list[tuple[float, Chunk]] = []
+            while expiry is not None and now >= expiry:
+                chunk = sf.oldest()
+                assert chunk is not None
+                sf.sent.popleft()
+                chunk.retries += 1
+                self.timeouts += 1
                 chunk.sent_at = now  # watched afresh from now, with the longer timeout
                 kept.append((now, chunk))
-                continue
-            self.release(chunk)
-            requeue.append(chunk)
-        sf.sent.extend(kept)
-        probe = expired and not sf.suspect
-        if probe:
-            sf.suspect = True
+                expiry = self.rto_expiry(sf)
+            sf.sent.extend(kept)
+        probe = not sf.suspect
+        self.set_suspect(sf, True)
         return requeue, probe
 
     # ------------------------------------------------------------ re-injection
@@ -240,17 +299,14 @@ class Recovery:
     def reinject(self, st: Stream, head: Chunk, now: float) -> bool:
         """The receiver holds a quarter of the window beyond a hole: True if the
         hole (``head``) should go again now, on a faster subflow (at most once
-        per chunk); the caller re-queues it first in line.
-
-        "Slow" means the chunk is older than twice the fastest other subflow's
-        RTT; if it is not yet, the check is planned for when it would be.
+        per chunk); the caller re-queues it first in line.  When is in
+        :meth:`reinject_due`; a check that is not due yet is planned for then.
         """
         if head.reinjected or head.sid is None or len(self.subflow_list) < 2:
             return False
-        others = [sf.srtt for sf in self.subflow_list if sf.sid != head.sid and sf.srtt is not None]
-        if not others:
+        due = self.reinject_due(head)
+        if due is None:
             return False
-        due = head.sent_at + 2 * min(others) + self.config.ack_delay
         if now < due:
             self.reinject_checks[st] = due
             return False
@@ -260,6 +316,46 @@ class Recovery:
         self.release(head)
         return True
 
+    def reinject_due(self, head: Chunk) -> float | None:
+        """When the hole ``head`` counts as stuck behind a slow subflow (None: never).
+
+        A copy only helps if it beats the original.  Where the head's subflow
+        is *slow* -- another subflow has a quarter of its RTT and another
+        delivers four times its goodput (:data:`SLOW_FACTOR`) -- a copy on a
+        fast one arrives first, so the head goes again once it is older than
+        twice the fastest other subflow's RTT.  A head on a subflow that is
+        not slow is left to the timeout: if that subflow stalls, :meth:`expire`
+        moves the head and everything behind it, and :meth:`usable` keeps new
+        chunks off it; if it merely hiccups, the timeout's floor (``min_rto``)
+        lets it recover on its own, as TCP's own floor does.
+
+        RTT samples include the queueing a chunk meets on its subflow (the
+        transport's buffer, the kernel's backlog, the receiver's turn to read
+        it), so the subflow the scheduler keeps busiest has the longest RTT
+        without being slow: it also has the highest goodput.  Comparing a
+        head's age with the RTT of an idle subflow alone re-sent ordinary
+        queueing (issue 11: 0.15 to 0.34 % of a loopback transfer went
+        twice); comparing it with its own subflow's RTT and deviation still
+        re-sent a few chunks per GiB, delayed 25-90 ms on a loopback whose
+        RTT was 10 ms when the host was busy.
+        """
+        others = [
+            sf
+            for sf in self.subflow_list
+            if sf.sid != head.sid and sf.srtt is not None and not sf.suspect
+        ]
+        if not others:
+            return None
+        fastest = min(sf.srtt for sf in others if sf.srtt is not None)
+        due = head.sent_at + 2 * fastest + self.config.ack_delay
+        own = self.subflows.get(head.sid) if head.sid is not None else None
+        if own is None or own.srtt is None:
+            return due  # nothing measured there: judged by the others alone
+        best = max(sf.goodput for sf in others)
+        if own.srtt >= SLOW_FACTOR * fastest and SLOW_FACTOR * own.goodput <= best:
+            return due
+        return None
+
     def due_checks(self, now: float) -> list[Stream]:
         """Streams whose planned re-injection check is due (and no longer planned)."""
         due = [st for st, when in self.reinject_checks.items() if now >= when]
@@ -267,10 +363,59 @@ class Recovery:
             del self.reinject_checks[st]
         return due
 
+    # ------------------------------------------------------ lost window updates
+
+    def peer_at_limit(self, st: Stream) -> None:
+        """The peer's DATA reached the limit we announced for ``st``: it waits for
+        our next grant, and only an ACK tells it.
+
+        Any other lost ACK is repaired by the next one, or by the peer's
+        timeout.  Not this one: a peer that sent up to our limit and had
+        everything acknowledged has nothing in flight to time out, and we
+        send nothing more until it sends, so a grant lost with a stalled
+        subflow (a black hole on the ACK path) would stall the stream until
+        the dead interval.  Hence TCP's persist timer, from our side: once we
+        grant more (:meth:`granted`), if nothing beyond the old limit arrives
+        within a timeout, the ACK goes again (on another subflow, as ACKs take
+        turns), backing off; at ``max_rto`` the peer evidently had no more to send.
+        """
+        if st not in self.credit_checks:
+            self.credit_checks[st] = GrantWatch(st.recv.advertised, self._persist_interval())
+
+    def granted(self, now: float) -> None:
+        """ACKs went out: start the clock for each watched stream that got more credit."""
+        for st, watch in self.credit_checks.items():
+            if watch.due is None and st.recv.advertised > watch.limit:
+                watch.due = now + watch.interval
+
+    def credit_used(self, st: Stream, end: int) -> None:
+        """DATA up to ``end`` arrived: beyond the watched limit, our grant got through."""
+        watch = self.credit_checks.get(st)
+        if watch is not None and end > watch.limit:
+            del self.credit_checks[st]
+
+    def due_grants(self, now: float) -> list[Stream]:
+        """Streams whose grant seems lost: repeat their ACK now (planned again, backed off)."""
+        out: list[Stream] = []
+        for st, watch in list(self.credit_checks.items()):
+            if watch.due is None or now < watch.due:
+                continue
+            final = st.recv.final
+            interval = 2 * watch.interval
+            if (final is not None and final <= watch.limit) or interval > self.config.max_rto:
+                del self.credit_checks[st]  # nothing more is coming
+                continue
+            out.append(st)
+            watch.due, watch.interval = now + interval, interval
+        return out
+
+    def _persist_interval(self) -> float:
+        return min((self.rto(sf) for sf in self.usable()), default=self.config.initial_rto)
+
     # ---------------------------------------------------------------- queries
 
     def deadlines(self) -> list[float]:
-        """Heartbeat, silence, RTO and re-injection deadlines."""
+        """Heartbeat, silence, RTO, re-injection and repeated-grant deadlines."""
         cfg = self.config
         out: list[float] = []
         for sf in self.subflow_list:
@@ -279,6 +424,7 @@ class Recovery:
             if expiry is not None:
                 out.append(expiry)
         out.extend(self.reinject_checks.values())
+        out.extend(w.due for w in self.credit_checks.values() if w.due is not None)
         return out
 
     def counters(self) -> dict[str, int]:
@@ -292,5 +438,7 @@ class Recovery:
         totals["retransmitted"] = self.retransmitted
         totals["reinjected"] = self.reinjected
         totals["timeouts"] = self.timeouts
+        totals["requeued_timeout"] = self.requeued_timeout
+        totals["requeued_lost"] = self.requeued_lost
         totals["subflows_lost"] = self.subflows_lost
         return totals

@@ -208,7 +208,10 @@ class Session(SessionBase):
             send = st.send
             if send.unacked and send.acked < send.next_offset and st.state not in TERMINAL:
                 self._maybe_reinject(st, send.unacked[next(iter(send.unacked))], now)
-        if self._acks.deadline is not None and now >= self._acks.deadline:
+        regrant = self._recovery.due_grants(now)
+        for st in regrant:
+            self._acks.want(st)
+        if regrant or (self._acks.deadline is not None and now >= self._acks.deadline):
             self._flush_acks(True, now)
         if self._idle_deadline is not None and now >= self._idle_deadline:
             self._reset_idle(now)
@@ -258,7 +261,7 @@ class Session(SessionBase):
         elif isinstance(frame, wire.Ping):
             self._emit(sf, [wire.encode_pong(frame.token, self.config.crc)], now)
         elif isinstance(frame, wire.Pong):
-            sf.suspect = False
+            self._recovery.set_suspect(sf, False)
             rtt = now - frame.token / 1e6
             if rtt < 3600:
                 sf.rtt_sample(rtt)
@@ -283,6 +286,12 @@ class Session(SessionBase):
             raise ProtocolError(f"DATA for stream {frame.stream_id}, which was never opened")
         pieces = st.recv.receive(st.id, frame.offset, frame.payload)
         self._acks.want(st)
+        end = frame.offset + len(frame.payload)
+        recovery = self._recovery
+        if recovery.credit_checks:
+            recovery.credit_used(st, end)
+        if end >= st.recv.advertised and st.id != CONTROL_STREAM:
+            recovery.peer_at_limit(st)
         if pieces:
             self._deliver(st, pieces, now)
 
