@@ -181,3 +181,24 @@ def test_the_deadline_is_asked_once_per_reactor_turn() -> None:
     assert asked[0] is not None and call.getTime() <= asked[0]
     driver.close("test over")
     assert clock.getDelayedCalls() == []
+
+
+def test_a_download_is_acknowledged_by_bytes_then_by_the_timer() -> None:
+    """ACK cadence through the driver (SPEC.md section 4): the first ACK at
+    half the initial credit, then every 512 KiB; the rest 2 ms later."""
+    clock = Clock()
+    driver, (a,), local, stream_id = opened_client(clock, None)
+    clock.advance(0)
+    a.transport.clear()
+    chunk = 64 * KiB
+    for n in range(12):  # 768 KiB, each chunk its own input
+        driver.frames(1, [wire.Data(stream_id, n * chunk, bytes([n]) * chunk)])
+    acks = [f for f in a.frames() if isinstance(f, wire.Ack) and f.stream_id == stream_id]
+    assert [f.cumulative for f in acks] == [128 * KiB, 640 * KiB]
+    assert sum(len(c[1]) for c in local.calls if c[0] == "write") == 12 * chunk
+    clock.advance(CONFIG.ack_delay)
+    acks = [f for f in a.frames() if isinstance(f, wire.Ack) and f.stream_id == stream_id]
+    assert [f.cumulative for f in acks] == [128 * KiB, 640 * KiB, 768 * KiB]
+    one_timer_at_the_deadline(clock, driver)
+    driver.close("test over")
+    assert clock.getDelayedCalls() == []
