@@ -1,6 +1,6 @@
 """The driver's one door out, on StringTransports and a Clock: every input is
-followed by one drain (events, then frames one write at a time) and one
-re-armed delayed call."""
+followed by one drain (events, then frames one write at a time), and each
+reactor turn ends with one re-armed delayed call."""
 
 from __future__ import annotations
 
@@ -74,6 +74,8 @@ class FakeLocal:
 
 
 def one_timer_at_the_deadline(clock: Clock, driver: SessionDriver) -> None:
+    """Once the reactor turn is over, one delayed call, due no later than the deadline."""
+    clock.advance(0)
     (call,) = clock.getDelayedCalls()
     deadline = driver.session.next_deadline()
     assert deadline is not None and call.getTime() <= deadline
@@ -148,5 +150,55 @@ def test_a_local_reset_forgets_the_local_peer_at_once() -> None:
     assert all(call[0] != "write" for call in local.calls)
     rst = control.encode(control.Rst(stream_id, 1))
     assert any(isinstance(f, wire.Data) and f.payload == rst for f in a.frames())
+    driver.close("test over")
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_deadline_is_asked_once_per_reactor_turn() -> None:
+    """Walking every subflow for the next deadline is the costly part of
+    arming the timer: several inputs in one turn ask for it once."""
+    clock = Clock()
+    driver, _, _, stream_id = opened_client(clock, None, None)
+    clock.advance(0)  # the opening's turn ends
+    session = driver.session
+    asked: list[float | None] = []
+    real = session.next_deadline
+
+    def next_deadline() -> float | None:
+        asked.append(real())
+        return asked[-1]
+
+    session.next_deadline = next_deadline  # type: ignore[method-assign]
+    driver.local_data(stream_id, b"x" * (64 * KiB))
+    driver.writable(2, False)
+    driver.writable(2, True)
+    driver.frames(1, [wire.Ack(stream_id, 64 * KiB, 512 * KiB)])
+    driver.local_data(stream_id, b"y" * 100)
+    assert asked == []
+    clock.advance(0)
+    assert len(asked) == 1
+    (call,) = clock.getDelayedCalls()
+    assert asked[0] is not None and call.getTime() <= asked[0]
+    driver.close("test over")
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_download_is_acknowledged_by_bytes_then_by_the_timer() -> None:
+    """ACK cadence through the driver (SPEC.md section 4): the first ACK at
+    half the initial credit, then every 512 KiB; the rest 2 ms later."""
+    clock = Clock()
+    driver, (a,), local, stream_id = opened_client(clock, None)
+    clock.advance(0)
+    a.transport.clear()
+    chunk = 64 * KiB
+    for n in range(12):  # 768 KiB, each chunk its own input
+        driver.frames(1, [wire.Data(stream_id, n * chunk, bytes([n]) * chunk)])
+    acks = [f for f in a.frames() if isinstance(f, wire.Ack) and f.stream_id == stream_id]
+    assert [f.cumulative for f in acks] == [128 * KiB, 640 * KiB]
+    assert sum(len(c[1]) for c in local.calls if c[0] == "write") == 12 * chunk
+    clock.advance(CONFIG.ack_delay)
+    acks = [f for f in a.frames() if isinstance(f, wire.Ack) and f.stream_id == stream_id]
+    assert [f.cumulative for f in acks] == [128 * KiB, 640 * KiB, 768 * KiB]
+    one_timer_at_the_deadline(clock, driver)
     driver.close("test over")
     assert clock.getDelayedCalls() == []

@@ -155,6 +155,53 @@ def test_acks_wait_for_the_threshold_or_the_delay() -> None:
     assert acks.deadline is None and acks.pending == [] and st.recv.ack_due == 0
 
 
+def receive_and_flush(
+    acks: AckBatcher, credit: Credit, st: Stream, size: int, total: int, now: float
+) -> list[int]:
+    """Receive ``total`` bytes in order in pieces of ``size``, flushing after
+    each as the session does; the cumulative offsets the ACKs carried."""
+    acked: list[int] = []
+    subflows = [SubflowState(1, 0.0)]
+    for offset in range(0, total, size):
+        st.recv.receive(st.id, offset, b"x" * size)
+        acks.want(st)
+        out = acks.flush(False, now, subflows, credit)
+        if out is not None:
+            frames = wire.FrameDecoder(False).feed(b"".join(out[1]))
+            acked += [f.cumulative for f in frames if isinstance(f, wire.Ack)]
+    return acked
+
+
+def test_a_fast_stream_is_acknowledged_every_512_kib_after_its_first_ack() -> None:
+    """The default cadence (SPEC.md section 4): the first ACK once the sender
+    has used half its initial credit (256 KiB), then one per 512 KiB; with
+    a 4 MiB window, credit never decides before the threshold does."""
+    config = SessionConfig()
+    acks, credit = AckBatcher(config), Credit(config)
+    st = stream()
+    acked = receive_and_flush(acks, credit, st, 64 * KiB, 2048 * KiB, now=1.0)
+    assert acked == [128 * KiB, 640 * KiB, 1152 * KiB, 1664 * KiB]
+    # Bytes still unacknowledged wait for the delay: one deadline, 2 ms after them.
+    assert acks.pending == [st] and acks.deadline == 1.0 + config.ack_delay
+
+
+def test_a_small_window_is_acknowledged_at_half_the_credit_left() -> None:
+    """Many streams share the budget, so windows are small: an ACK goes out
+    once the sender has used half of the credit our last ACK left it,
+    long before 512 KiB, so it never stalls waiting for the timer."""
+    config = SessionConfig()
+    acks, credit = AckBatcher(config), Credit(config)
+    credit.data_streams = 300
+    window = credit.window(1)
+    assert window == 32 * 1024 * KiB // 300  # 109 KiB
+    st = Stream(1, 256 * KiB, 64 * KiB, StreamState.OPEN, 0.0)
+    acked = receive_and_flush(acks, credit, st, 16 * KiB, 256 * KiB, now=1.0)
+    # 32 KiB is half the 64 KiB initial credit; after that each ACK leaves
+    # the sender 109 KiB, and at 16 KiB a chunk the half is passed after 64 KiB.
+    assert acked == [32 * KiB, 96 * KiB, 160 * KiB, 224 * KiB]
+    assert st.recv.advertised == 224 * KiB + window
+
+
 def test_a_completed_direction_is_acknowledged_at_once() -> None:
     config = ack_config()
     acks, credit = AckBatcher(config), Credit(config)

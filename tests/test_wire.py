@@ -252,6 +252,21 @@ def test_partial_frame_is_buffered_until_complete() -> None:
 
 
 @pytest.mark.parametrize("crc", MODES)
+def test_a_read_on_a_frame_boundary_keeps_only_the_partial_tail(crc: bool) -> None:
+    """The common read (nothing buffered) is decoded in place; only the start
+    of the next frame is kept, and a later read completes it."""
+    decoder = FrameDecoder(crc)
+    first = b"".join(wire.encode_data(3, 0, b"a" * 1000, crc))
+    second = b"".join(wire.encode_data(3, 1000, b"b" * 1000, crc))
+    data = first + wire.encode_ping(9, crc) + second
+    cut = len(data) - 700
+    assert decoder.feed(data[:cut]) == [Data(3, 0, b"a" * 1000), Ping(9)]
+    assert decoder.buffered == len(second) - 700
+    assert decoder.feed(data[cut:]) == [Data(3, 1000, b"b" * 1000)]
+    assert decoder.buffered == 0
+
+
+@pytest.mark.parametrize("crc", MODES)
 def test_max_frames_decodes_one_at_a_time_under_the_limit_in_force(crc: bool) -> None:
     """The handshake decodes one frame, then raises the limit for the rest."""
     big = b"d" * (64 * 1024)

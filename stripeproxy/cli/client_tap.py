@@ -7,7 +7,6 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
-from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.python import usage
@@ -36,6 +35,7 @@ from stripeproxy.net.endpoints import (
 from stripeproxy.net.routing import route_subflows
 from stripeproxy.net.socks import SocksFactory
 from stripeproxy.net.tls import client_tls_creator, parse_fingerprint
+from stripeproxy.net.tls_transport import SubflowTLSEndpoint
 
 # RFC 1929: a username and a password are each 1 to 255 bytes long.
 RFC1929_MAX = 255
@@ -218,7 +218,7 @@ def makeService(options: Options) -> IService:
     for number in range(1, options["subflows"] + 1):
         endpoint = client_endpoint(reactor, options["server"], options["connect-timeout"])
         if creator is not None:
-            endpoint = wrapClientTLS(creator, endpoint)
+            endpoint = SubflowTLSEndpoint(creator, endpoint)
         endpoint = overlay.watch(endpoint)
         slot = DialSlot(
             number,

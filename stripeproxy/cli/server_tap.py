@@ -9,7 +9,6 @@ from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from stripeproxy.cli.listen import ListenService
@@ -34,6 +33,7 @@ from stripeproxy.net.interfaces import LocalAddresses
 from stripeproxy.net.server import ServerSettings
 from stripeproxy.net.server_subflow import SubflowFactory
 from stripeproxy.net.tls import load_server_tls
+from stripeproxy.net.tls_transport import SubflowTLSFactory, server_tls_factory
 
 
 class Options(SessionOptions):
@@ -256,9 +256,9 @@ def makeService(options: Options) -> IService:
     settings = server_settings(options, reactor)
     Logger().info("{policy}", policy=settings.policy.describe(settings.local_addresses()))
     subflows = SubflowFactory(settings)
-    factory: SubflowFactory | TLSMemoryBIOFactory = subflows
+    factory: SubflowFactory | SubflowTLSFactory = subflows
     if options["tls"] is not None:
-        factory = TLSMemoryBIOFactory(options["tls"], False, subflows)
+        factory = server_tls_factory(options["tls"], subflows)
     top = MultiService()  # type: ignore[no-untyped-call]
     # Stopped after the listener (services stop in reverse order).
     attach(DrainService(subflows.registry, reactor, options["drain-timeout"]), top)

@@ -340,16 +340,26 @@ class FrameDecoder:
 
     def feed(self, data: bytes, max_frames: int = 0) -> list[Frame]:
         """Buffer ``data`` and decode the complete frames (at most ``max_frames``
-        if that is positive; the rest stay buffered for the next call)."""
+        if that is positive; the rest stay buffered for the next call).
+
+        With nothing buffered (a read that starts on a frame boundary, the
+        usual case) the frames are decoded from ``data`` itself and only the
+        tail of a partial frame is kept: a 64 KiB read is not first copied
+        into the buffer and then moved out of it.
+        """
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            source: bytes | bytearray = buf
+        else:
+            source = data
         frames: list[Frame] = []
         pos = 0
-        end = len(buf)
+        end = len(source)
         trailer = self._trailer
-        with memoryview(buf) as view:
+        with memoryview(source) as view:
             while end - pos >= HEADER_SIZE:
-                ftype, _flags, length = HEADER.unpack_from(buf, pos)
+                ftype, _flags, length = HEADER.unpack_from(source, pos)
                 if length > self.max_body:
                     raise ProtocolError(f"frame body of {length} bytes exceeds {self.max_body}")
                 total = HEADER_SIZE + length + trailer
@@ -358,12 +368,12 @@ class FrameDecoder:
                 body_start = pos + HEADER_SIZE
                 body_end = body_start + length
                 if trailer:
-                    (expected,) = CRC.unpack_from(buf, body_end)
+                    (expected,) = CRC.unpack_from(source, body_end)
                     if crc32c.crc32c(view[pos:body_end]) != expected:
                         raise ProtocolError("CRC32C mismatch")
                 if ftype == T_DATA and length > _DATA_HEAD.size:
                     # Hot path: one copy of the payload, nothing else allocated.
-                    stream_id, offset = _DATA_HEAD.unpack_from(buf, body_start)
+                    stream_id, offset = _DATA_HEAD.unpack_from(source, body_start)
                     payload = bytes(view[body_start + _DATA_HEAD.size : body_end])
                     frames.append(Data(stream_id, offset, payload, total))
                 else:
@@ -371,7 +381,9 @@ class FrameDecoder:
                 pos += total
                 if len(frames) == max_frames:
                     break
-        if pos:
+            if source is not buf and pos < end:
+                buf += view[pos:]  # the start of the next frame waits here
+        if source is buf and pos:
             del buf[:pos]
         return frames
 

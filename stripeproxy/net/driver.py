@@ -6,7 +6,8 @@ call its inputs; every input goes into the session with the current time and
 is followed by :meth:`SessionDriver._flush`, the one door out: it hands the
 session's events to the local peers, writes the session's frames one subflow
 write at a time (a write that fills a transport pauses that subflow before
-the next chunk is placed), and re-arms the session's one timer.
+the next chunk is placed), and has the session's one timer re-armed once the
+reactor turn's inputs are all in (:meth:`~stripeproxy.net.timer.Timer.arm_after_turn`).
 """
 
 from __future__ import annotations
@@ -334,7 +335,10 @@ class SessionDriver:
                     break
         finally:
             self._flushing = False
-        self._timer.arm(session.next_deadline())
+        if session.closed:
+            self._timer.cancel()  # a closed session has no deadline: nothing left behind
+        else:
+            self._timer.arm_after_turn(session.next_deadline)
 
     # --------------------------------------------------------- the events
 

@@ -2,9 +2,17 @@
 
 The session core answers ``next_deadline()``; its adapter keeps exactly one
 :class:`~twisted.internet.interfaces.IDelayedCall` for it (aioquic's and h11's
-adapters do the same), never one per chunk.  The real driver and the test
-pair (:class:`~stripeproxy.testing.SessionPair`) both use this class, so the
-tests exercise the timer that runs in production.
+adapters do the same), never one per chunk.
+
+Asking the core for its deadline costs a walk over every subflow (heartbeat,
+silence and RTO expiry each), and a busy session takes several inputs per
+reactor turn (a local read, a subflow drained, an ACK).  :meth:`Timer.arm_after_turn`
+therefore asks once per turn, after the turn's inputs: a zero-delay call
+runs right after the reactor has handled the I/O it woke up for, before it
+sleeps again, so the timer is never armed later than it would have been.
+
+The real driver and the test pair (:class:`~stripeproxy.testing.SessionPair`)
+both use this class, so the tests exercise the timer that runs in production.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ class Timer:
         self._call: IDelayedCall | None = None
         #: The deadline the live call was armed for (None: no call).
         self.deadline: float | None = None
+        # The zero-delay call of arm_after_turn, while one is pending.
+        self._settle: IDelayedCall | None = None
 
     @property
     def when(self) -> float | None:
@@ -50,11 +60,25 @@ class Timer:
         delay = max(0.0, deadline - self.clock.seconds())
         self._call = self.clock.callLater(delay, self._run)
 
+    def arm_after_turn(self, deadline: Callable[[], float | None]) -> None:
+        """:meth:`arm` for ``deadline()``, asked once the inputs of this reactor
+        turn are in (however many times this is called meanwhile)."""
+        if self._settle is None:
+            self._settle = self.clock.callLater(0, self._arm_now, deadline)
+
+    def _arm_now(self, deadline: Callable[[], float | None]) -> None:
+        self._settle = None
+        self.arm(deadline())
+
     def cancel(self) -> None:
+        """No call left: neither the timer's nor a pending :meth:`arm_after_turn`."""
         if self._call is not None:
             self._call.cancel()
             self._call = None
         self.deadline = None
+        if self._settle is not None:
+            self._settle.cancel()
+            self._settle = None
 
     def _run(self) -> None:
         self._call = None

@@ -38,7 +38,7 @@ class SessionConfig:
     session_window: int = 32 * MiB
     min_stream_window: int = CHUNK_SIZE
     send_buffer: int = 256 * KiB
-    ack_threshold: int = 128 * KiB
+    ack_threshold: int = 512 * KiB
     ack_delay: float = 0.002
     heartbeat_interval: float = 5.0
     dead_interval: float = 15.0
