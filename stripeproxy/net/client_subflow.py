@@ -23,7 +23,9 @@ _UNFINISHED = frozenset(
 class ClientSubflow(SubflowProtocol):
     """Client end of a subflow: answer the challenge, check the server's proof."""
 
-    def __init__(self, overlay: Overlay, redial: RedialPolicy | None = None) -> None:
+    def __init__(
+        self, overlay: Overlay, redial: RedialPolicy | None = None, path: str = ""
+    ) -> None:
         settings = overlay.settings
         super().__init__(
             settings.reactor,
@@ -33,6 +35,8 @@ class ClientSubflow(SubflowProtocol):
             congestion=settings.congestion,
         )
         self.overlay = overlay
+        # The --path this subflow leaves by ("": no --path); the views group by it.
+        self.path = path
         self.redial = redial if redial is not None else RedialPolicy()
         self.handshake = handshake.ClientHandshake(
             settings.psk, settings.key_id, settings.config.crc, self._choose_session
@@ -121,13 +125,18 @@ class ClientSubflow(SubflowProtocol):
 
 class SubflowFactory(Factory):
     """Builds a :class:`ClientSubflow` per dial; its ``redial`` policy paces the re-dials
-    (pass ``redial.delay`` as the ``ClientService``'s ``retryPolicy``)."""
+    (pass ``redial.delay`` as the ``ClientService``'s ``retryPolicy``).
+
+    One factory per path: a path whose handshakes fail (a black-holed
+    uplink) backs its own slots off, not the other paths'.
+    """
 
     noisy = False
 
-    def __init__(self, overlay: Overlay, retry_max: float = 10.0) -> None:
+    def __init__(self, overlay: Overlay, retry_max: float = 10.0, path: str = "") -> None:
         self.overlay = overlay
+        self.path = path
         self.redial = RedialPolicy(max_delay=retry_max)
 
     def buildProtocol(self, addr: Any) -> ClientSubflow:
-        return ClientSubflow(self.overlay, self.redial)
+        return ClientSubflow(self.overlay, self.redial, self.path)

@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from stripeproxy.core.escape import printable
+from stripeproxy.core.paths import PathStatus
 from stripeproxy.net.dial import DialStatus
 from stripeproxy.net.driver import StreamInfo, SubflowInfo
 from stripeproxy.ops.rates import PERIOD, WINDOW, RateBook
@@ -58,6 +59,7 @@ class SubflowRow:
     rates: dict[str, float]  # bytes per second over the window
     retransmitted: int
     cc: str = ""  # the socket's congestion control ('': unknown)
+    path: str = ""  # the client's --path it leaves by ('': none, or the server)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ class Snapshot:
     buffered: int = 0
     # The client's subflow slots: state and last dial error of each (empty on the server).
     dials: tuple[DialStatus, ...] = ()
+    # The client's paths (--path, or the one implicit path under --subflows auto).
+    paths: tuple[PathStatus, ...] = ()
 
     @property
     def streams_open(self) -> int:
@@ -108,8 +112,10 @@ class Monitor(Service):
         period: float = PERIOD,
         window: float = WINDOW,
         dials: Callable[[], Iterable[DialStatus]] = tuple,
+        paths: Callable[[], Iterable[PathStatus]] = tuple,
     ) -> None:
         self.role = role
+        self._paths = paths
         self.clock = clock
         self._sessions = sessions
         self._redials = redials
@@ -140,6 +146,9 @@ class Monitor(Service):
         buffered = 0
         live: dict[str, dict[str, int]] = {}
         drivers = list(self._sessions())
+        dials = tuple(self._dials())
+        # Which path each joined subflow leaves by, from its slot.
+        path_of = {(d.session, d.sid): d.path for d in dials if d.sid}
         for driver in drivers:
             label = driver.label
             live[label] = driver.counters()
@@ -161,6 +170,7 @@ class Monitor(Service):
                         rates=rates,
                         retransmitted=sf.retransmitted,
                         cc=printable(sf.cc or ""),
+                        path=path_of.get((label, sf.sid), ""),
                     )
                 )
             for st in driver.stream_info():
@@ -206,7 +216,8 @@ class Monitor(Service):
             subflows_lost=totals["subflows_lost"],
             redials=self._redials(),
             buffered=buffered,
-            dials=tuple(self._dials()),
+            dials=dials,
+            paths=tuple(self._paths()),
         )
         self.latest = snapshot
         for listener in list(self.listeners):
