@@ -27,6 +27,7 @@ from helpers import (
     KiB,
     MiB,
     in_thread,
+    sleep,
     socks_connect,
     socks_echo,
     start_client,
@@ -65,7 +66,8 @@ def _pools(client: Any) -> list[PathPool]:
 async def test_two_paths_carry_one_session(cleanup: Cleanup, keys: Keys, tls: bool) -> None:
     target = await start_target(cleanup, EchoFactory())
     server = await start_server(cleanup, keys, tls)
-    paths = ["--path", "one=127.0.0.1:2", "--path", "two=127.0.0.2:3"]
+    # "one" is an interface (lo: resolved at every dial, to 127.0.0.1), "two" an address.
+    paths = ["--path", "one=lo:2", "--path", "two=127.0.0.2:3"]
     client = await start_client(cleanup, keys, server.port, tls, 2, paths)
     await wait_for(
         lambda: len(server.sessions) == 1 and _server_sources(server).total() == 5,
@@ -99,6 +101,9 @@ async def test_two_paths_carry_one_session(cleanup: Cleanup, keys: Keys, tls: bo
         ("two", "up", 3, 3),
     ]
     assert {p.address for p in snapshot.paths} == {"127.0.0.1", "127.0.0.2"}
+    # The interface's address did not change: its watch (every second) closed nothing.
+    await sleep(1.5)
+    assert [s.slot.joins for p in _pools(client) for s in p.slots] == [1] * 5
 
 
 # ---------------------------------------------------------- a scripted K
@@ -118,6 +123,7 @@ class ScriptedController:
     def __init__(self, k_min: int, k_max: int, k_start: int) -> None:
         self.k_min, self.k_max, self._target = k_min, k_max, k_start
         self.script: list[int] = []
+        self.reason = "start"
         self.seen: list[tuple[int, float, bool, bool]] = []
         ScriptedController.made.append(self)
 
@@ -132,7 +138,8 @@ class ScriptedController:
         if not self.script:
             return None
         self._target = self.script.pop(0)
-        return Decision(self._target, f"scripted {self._target}")
+        self.reason = f"scripted {self._target}"
+        return Decision(self._target, self.reason)
 
 
 def paced_echo(sock: socket.socket, stop: threading.Event) -> tuple[int, str, int, str]:

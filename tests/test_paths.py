@@ -10,6 +10,7 @@ change, and binds to the interface's address once it has one.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -18,9 +19,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_dial import PSK, RETRY_MAX, PlayedServer
 from twisted.application.service import MultiService
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.python import usage
+from zope.interface import implementer
 
 from stripeproxy.cli.client_tap import Options
 from stripeproxy.core.paths import (
@@ -36,7 +40,9 @@ from stripeproxy.core.session import SessionConfig
 from stripeproxy.net.client import ClientSettings, Overlay
 from stripeproxy.net.client_subflow import ClientSubflow, SubflowFactory
 from stripeproxy.net.dial import DialEndpoint, DialKind, DialService, DialSlot
+from stripeproxy.net.driver import SubflowInfo
 from stripeproxy.net.paths import (
+    AutoK,
     PathEndpoint,
     PathPool,
     SourceUnavailable,
@@ -226,9 +232,31 @@ def test_path_state_lines() -> None:
     assert state.subflow_lost("reset", 6.0) is None
     assert state.subflow_lost("reset", 7.0) == "path lte down: its last subflow was lost (reset)"
     assert (state.state, state.since) == ("down", 7.0)
+    # The address goes while subflows use it: down at once, their losses say nothing more.
+    assert state.subflow_joined(8.0) == "path lte up"
+    assert state.source_gone("there is no interface wwan0", 9.0) == (
+        "path lte down: there is no interface wwan0"
+    )
+    assert state.subflow_lost("closed by this client", 9.1) is None
+    assert (state.state, state.why, state.joined) == ("down", "there is no interface wwan0", 0)
 
 
 # ------------------------------------------------------------- pools on a Clock
+
+
+@implementer(IStreamClientEndpoint)
+class Bound:
+    """The played server, reached from ``address`` (the transport's local end says so)."""
+
+    def __init__(self, server: PlayedServer, address: str) -> None:
+        self.server = server
+        self.address = address
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        d = self.server.connect(factory)
+        if self.server.transports:
+            self.server.transports[-1].hostAddr = IPv4Address("TCP", self.address, 40000)
+        return d
 
 
 class Bench:
@@ -260,7 +288,7 @@ class Bench:
 
         def dial(address: str) -> IStreamClientEndpoint:
             self.bound.append((spec.name, address))
-            return self.server
+            return Bound(self.server, address)
 
         pool = PathPool(spec.name, spec.source, self.clock, build, self.numbers)
         pool.endpoint = PathEndpoint(
@@ -276,6 +304,9 @@ class Bench:
             dial=dial,
         )
         pool.factory = factory
+        if spec.kind is I:
+            assert isinstance(pool.endpoint, PathEndpoint)
+            pool.source_check = pool.endpoint.current
         pool.resize(k)
         pool.setServiceParent(self.top)  # type: ignore[no-untyped-call]
         return pool
@@ -349,3 +380,137 @@ def test_losing_every_subflow_takes_the_path_down(log_messages: list[str]) -> No
         "path lte down: connection refused (is stripe-server running and listening there?)",
     ]
     bench.stop()
+
+
+def test_an_address_that_goes_closes_its_subflows_at_once(log_messages: list[str]) -> None:
+    bench = Bench()
+    bench.interfaces["wwan0"] = ["203.0.113.9"]
+    lte = bench.pool("lte=wwan0:2", 2)
+    bench.top.startService()  # type: ignore[no-untyped-call]
+    bench.run(1)
+    first = _subflows(lte)
+    assert len(first) == 2
+    # The address changes: within WATCH (1 s) the subflows move to the new one.
+    bench.interfaces["wwan0"] = ["203.0.113.10"]
+    bench.run(2.5)
+    assert all(s.transport.disconnected for s in first)
+    assert len(_subflows(lte)) == 2
+    assert {a for _, a in bench.bound[-2:]} == {"203.0.113.10"}
+    # The interface goes: down at once, with the reason, and the slots wait.
+    del bench.interfaces["wwan0"]
+    bench.run(1.5)
+    assert _subflows(lte) == []
+    bench.run(10)
+    bench.interfaces["wwan0"] = ["203.0.113.11"]
+    bench.run(12)
+    assert len(_subflows(lte)) == 2
+    lines = [m for m in log_messages if m.startswith("path ")]
+    assert lines == [
+        "path lte up",
+        "path lte: wwan0 has a new address, 203.0.113.10: moving its subflows there",
+        "path lte down: there is no interface wwan0",
+        "path lte up",
+    ]
+    bench.stop()
+
+
+# -------------------------------------------------------------- auto K on a Clock
+
+
+class FakeDriver:
+    label = "c0ffee00"
+
+    def __init__(self) -> None:
+        self.rows: dict[int, SubflowInfo] = {}
+        self.buffered = 0
+
+    def set(self, sid: int, real: int, retransmitted: int = 0, writable: bool = True) -> None:
+        totals = {"tx_real": real, "tx_dummy": 0, "rx_real": real, "rx_dummy": 0}
+        self.rows[sid] = SubflowInfo(sid, "?", writable, 0.01, 0, totals, retransmitted)
+
+    def subflow_info(self) -> list[SubflowInfo]:
+        return list(self.rows.values())
+
+    def buffered_bytes(self) -> int:
+        return self.buffered
+
+
+class FakeSubflow:
+    transport = None
+
+    def __init__(self, driver: FakeDriver, sid: int) -> None:
+        self.driver = driver
+        self.sid = sid
+
+
+class FakeService:
+    def __init__(self, subflow: FakeSubflow | None) -> None:
+        self.slot = type("Slot", (), {"subflow": subflow})()
+
+
+class FakePool:
+    path = "lte"
+
+    def __init__(self, services: list[FakeService]) -> None:
+        self.slots = services
+        self.k_reason = ""
+        self.sizes: list[int] = []
+
+    @property
+    def target(self) -> int:
+        return len(self.slots)
+
+    def resize(self, k: int) -> None:
+        self.sizes.append(k)
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: int
+    reason: str
+
+
+class OneDecision:
+    """Says 5 on its third look, nothing otherwise; keeps what it heard."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple[float, int, float, bool, bool]] = []
+        self.reason = "start"
+        self.target = 3
+
+    def observe(
+        self, now: float, k_open: int, goodput_bps: float, busy: bool, loss_limited: bool
+    ) -> Decision | None:
+        self.heard.append((now, k_open, goodput_bps, busy, loss_limited))
+        if len(self.heard) == 3:
+            self.target, self.reason = 5, "goodput +18% with 5"
+            return Decision(5, self.reason)
+        return None
+
+
+def test_auto_k_feeds_the_controller_and_applies_its_decision(log_messages: list[str]) -> None:
+    clock = Clock()
+    driver = FakeDriver()
+    pool = FakePool([FakeService(FakeSubflow(driver, sid)) for sid in (1, 2, 3)])
+    pool.slots.append(FakeService(None))  # a slot still dialling
+    controller = OneDecision()
+    auto = AutoK(pool, controller, clock)  # type: ignore[arg-type]
+    for sid in (1, 2, 3):
+        driver.set(sid, 0)
+    auto.start()
+    clock.advance(0.5)  # the first look: nothing moved yet
+    driver.set(1, 256 * 1024)
+    driver.set(2, 256 * 1024, retransmitted=4096)  # one of two busy subflows re-sent
+    clock.advance(0.5)
+    driver.set(3, 0, writable=False)  # idle, but full: limited too
+    driver.buffered = 1
+    clock.advance(0.5)
+    assert controller.heard == [
+        (0.5, 3, 0.0, False, False),
+        (1.0, 3, 2 * 1024 * 1024.0, True, True),
+        (1.5, 3, 0.0, True, True),
+    ]
+    assert pool.sizes == [5] and pool.k_reason == "goodput +18% with 5"
+    assert "path lte: subflows 4 -> 5 (goodput +18% with 5)" in log_messages
+    auto.stop()
+    assert clock.getDelayedCalls() == []

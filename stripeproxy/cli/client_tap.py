@@ -334,7 +334,10 @@ def _build_pools(options: Options, overlay: Overlay, parent: OverlayService) -> 
             endpoint = client_endpoint(reactor, server, options["connect-timeout"])
         else:
             host, port = parse_host_port(server)
-            endpoint = PathEndpoint(reactor, host, port, options["connect-timeout"], spec, pool)
+            bound = PathEndpoint(reactor, host, port, options["connect-timeout"], spec, pool)
+            if spec.kind is SourceKind.INTERFACE:
+                pool.source_check = bound.current
+            endpoint = bound
         if creator is not None:
             endpoint = wrapClientTLS(creator, endpoint)
         pool.endpoint = overlay.watch(endpoint)

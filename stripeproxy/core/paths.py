@@ -198,9 +198,17 @@ class PathState:
         self.state, self.why, self.since = "up", "", now
         return f"{self._label()} up" if came_back or self.name else None
 
+    def source_gone(self, why: str, now: float) -> str | None:
+        """The source lost its address while subflows used it: down at once
+        (they are being closed), whatever is still counted as joined."""
+        if self.state == "down" and why == self.why:
+            return None
+        self.state, self.why, self.since = "down", why, now
+        return f"{self._label()} down: {why}"
+
     def subflow_lost(self, why: str, now: float) -> str | None:
         """A joined subflow is gone; the last one takes the path down."""
         self.joined = max(0, self.joined - 1)
-        if self.joined:
+        if self.joined or self.state == "down":
             return None
         return self.down(f"its last subflow was lost ({why})", now)

@@ -41,6 +41,7 @@ from zope.interface import implementer
 from stripeproxy.core.escape import printable
 from stripeproxy.core.paths import PathSpec, PathState, PathStatus, SourceKind
 from stripeproxy.net.dial import DialError, DialFailed, DialKind, DialService, DialSlot
+from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.subflow import find_socket
 
 __all__ = [
@@ -195,9 +196,13 @@ class PathEndpoint:
             self._reactor, self._host, self._port, self._timeout, bindAddress=(address, 0)
         )
 
+    def current(self) -> str:
+        """The source's address now; raises SourceUnavailable."""
+        return self._resolve(self.spec, self.family)
+
     def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         try:
-            address = self._resolve(self.spec, self.family)
+            address = self.current()
         except SourceUnavailable as e:
             why = printable(str(e))
             self._pool.unavailable(why)
@@ -208,6 +213,8 @@ class PathEndpoint:
 
 # ---------------------------------------------------------------------- pool
 
+#: Seconds between two looks at an interface path's address while it has subflows.
+WATCH = 1.0
 #: How long a retired subflow may take to see its data acknowledged before it
 #: is closed anyway (the session then sends what it still held elsewhere).
 RETIRE_WAIT = 2.0
@@ -233,6 +240,10 @@ class KControl(Protocol):
 
     @property
     def target(self) -> int: ...
+
+    @property
+    def reason(self) -> str:
+        """Why the target is what it is (changes without a decision when a probe is kept)."""
 
 
 class PathPool(MultiService):
@@ -261,6 +272,12 @@ class PathPool(MultiService):
         self.endpoint: IStreamClientEndpoint | None = None
         self.factory: IProtocolFactory | None = None
         self.autok: AutoK | None = None
+        # An interface path: its address now (raises SourceUnavailable), watched
+        # every WATCH seconds so that subflows do not outlive their address.
+        self.source_check: Callable[[], str] | None = None
+        self._watch = LoopingCall(self.check_source)
+        self._watch.clock = clock
+        self._moving: set[DialSlot] = set()  # slots closed to re-dial from a new address
         self.k_reason = ""
         self.state = PathState(name, clock.seconds())
         self.address = ""  # the source's address at the last dial
@@ -274,6 +291,8 @@ class PathPool(MultiService):
         super().startService()  # type: ignore[no-untyped-call]
         if self.autok is not None:
             self.autok.start()
+        if self.source_check is not None:
+            self._watch.start(WATCH, now=False)
 
     @property
     def target(self) -> int:
@@ -357,12 +376,51 @@ class PathPool(MultiService):
     def stopService(self) -> defer.Deferred[Any]:
         if self.autok is not None:
             self.autok.stop()
+        if self._watch.running:
+            self._watch.stop()
         for service, call in list(self._retiring.items()):
             if call is not None and call.active():
                 call.cancel()
             self._stop(service)
         self._retiring.clear()
         return MultiService.stopService(self)  # type: ignore[no-untyped-call,no-any-return]
+
+    # ---------------------------------------------------------- the source
+
+    def check_source(self) -> None:
+        """Close the subflows whose local address is no longer the source's.
+
+        The kernel does not reset a connection whose address was removed (or
+        whose interface went down): it would stall until a timeout noticed.
+        Closing it now hands its unacknowledged chunks to the other paths at
+        once (the session's subflow-loss handling), and its slot dials again:
+        from the new address, or, while there is none, failing on its own.
+        """
+        assert self.source_check is not None
+        try:
+            address, why = self.source_check(), ""
+        except SourceUnavailable as e:
+            address, why = "", printable(str(e))
+        stale = [
+            subflow
+            for service in self.slots
+            if (subflow := service.slot.subflow) is not None and _local_host(subflow) != address
+        ]
+        if not stale:
+            return
+        if address:
+            log.info(
+                "path {path}: {source} has a new address, {address}: moving its subflows there",
+                path=self.path,
+                source=self.source,
+                address=address,
+            )
+            self._moving.update(s.slot for s in self.slots if s.slot.subflow in stale)
+        else:
+            self.address = ""
+            self._say(self.state.source_gone(why, self.clock.seconds()), warn=True)
+        for subflow in stale:
+            subflow.abort()
 
     # ---------------------------------------------------- SlotWatcher
 
@@ -386,10 +444,19 @@ class PathPool(MultiService):
             self._say(self.state.down(dial_error.message, self.clock.seconds()), warn=True)
 
     def slot_lost(self, slot: DialSlot, why: str) -> None:
-        if any(s.slot is slot for s in self.slots):
+        if slot in self._moving:  # to the source's new address: not a failure
+            self._moving.discard(slot)
+            self.state.joined = max(0, self.state.joined - 1)
+        elif any(s.slot is slot for s in self.slots):
             self._say(self.state.subflow_lost(why, self.clock.seconds()), warn=True)
         else:
             self.state.joined = max(0, self.state.joined - 1)  # retired on purpose
+
+
+def _local_host(subflow: Any) -> str:
+    """The local address a subflow's connection leaves from."""
+    transport = subflow.transport
+    return str(getattr(transport.getHost(), "host", "")) if transport is not None else ""
 
 
 def _inflight(service: DialService) -> int:
@@ -410,6 +477,16 @@ def _inflight(service: DialService) -> int:
 TICK = 0.5
 
 
+@dataclass(frozen=True)
+class Reading:
+    """One tick's view of a path, as :meth:`KControl.observe` takes it."""
+
+    k_open: int
+    goodput: float  # payload bytes per second, both directions
+    busy: bool
+    loss_limited: bool
+
+
 @dataclass
 class _Sample:
     real: int  # payload bytes both ways on the path's live subflows
@@ -419,13 +496,15 @@ class _Sample:
 class AutoK:
     """Feeds one path's controller every :data:`TICK` and applies its decisions.
 
-    Goodput is the payload the path's subflows carried (both directions)
-    since the last tick, per second; the path is *busy* when a session holds
-    data to send or reassemble, or payload moved; *loss-limited* when a
-    subflow re-sent anything (the kernel's retransmits, read from
-    ``TCP_INFO`` on Linux, or the overlay's) or could take no more (its
-    transport full).  A change of K is logged with the controller's reason
-    and shown by the dashboard and the metrics.
+    What it tells the controller, from the path's live subflows since the
+    last tick: how many are open; the goodput (payload carried both ways,
+    per second); *busy*: payload moved or a session holds data to send or
+    reassemble; *loss-limited*: at least half of the subflows that carried
+    data re-sent some (the kernel's retransmits, read from ``TCP_INFO`` on
+    Linux, or the overlay's) or could take no more (transport full).  Half,
+    not any: one subflow on a bad route must not make the path grow.  A
+    change of K is logged with the controller's reason and shown by the
+    dashboard and the metrics.
     """
 
     def __init__(
@@ -441,29 +520,29 @@ class AutoK:
         self.tick_seconds = tick
 
     def start(self) -> None:
+        self._at = self.clock.seconds()
         self.loop.start(self.tick_seconds, now=False)
 
     def stop(self) -> None:
         if self.loop.running:
             self.loop.stop()
 
-    def measure(self) -> tuple[int, float, bool, bool]:
-        """(open subflows, goodput in bytes/s, busy, loss-limited) since the last call."""
+    def measure(self) -> Reading:
+        """What the path did since the last call."""
         now = self.clock.seconds()
         elapsed = max(now - self._at, 1e-6)
         self._at = now
         seen: dict[tuple[str, int], _Sample] = {}
-        moved = again = 0
-        full = False
-        drivers: dict[int, Any] = {}
-        subflows = [s.slot.subflow for s in self.pool.slots]
-        for subflow in subflows:
+        moved = 0
+        votes: list[bool] = []
+        drivers: dict[int, SessionDriver] = {}
+        for service in self.pool.slots:
+            subflow = service.slot.subflow
             driver = subflow.driver if subflow is not None else None
             if subflow is None or driver is None:
                 continue
             drivers[id(driver)] = driver
-            rows = {row.sid: row for row in driver.subflow_info()}
-            row = rows.get(subflow.sid)
+            row = next((r for r in driver.subflow_info() if r.sid == subflow.sid), None)
             if row is None:
                 continue
             key = (driver.label, subflow.sid)
@@ -473,24 +552,34 @@ class AutoK:
             )
             seen[key] = sample
             before = self._last.get(key, _Sample(0, 0))
-            moved += sample.real - before.real
-            again += sample.retransmitted - before.retransmitted
-            full = full or not row.writable
-        busy = moved > 0 or any(d.buffered_bytes() > 0 for d in drivers.values())
+            carried = sample.real - before.real
+            moved += carried
+            if carried > 0 or not row.writable:
+                votes.append(sample.retransmitted > before.retransmitted or not row.writable)
         self._last = seen
-        return len(seen), moved / elapsed, busy, again > 0 or full
+        busy = moved > 0 or any(d.buffered_bytes() > 0 for d in drivers.values())
+        limited = bool(votes) and 2 * sum(votes) >= len(votes)
+        return Reading(len(seen), moved / elapsed, busy, limited)
 
     def tick(self) -> None:
-        k_open, goodput, busy, loss_limited = self.measure()
-        decision = self.controller.observe(
-            self.clock.seconds(), k_open, goodput, busy, loss_limited
+        reading = self.measure()
+        controller = self.controller
+        decision = controller.observe(
+            self.clock.seconds(),
+            reading.k_open,
+            reading.goodput,
+            reading.busy,
+            reading.loss_limited,
         )
-        if decision is None or decision.target == self.pool.target:
-            return
         pool = self.pool
+        # The controller's own account of its target: after a kept probe it
+        # changes without a decision ("goodput +18% with 7").
+        pool.k_reason = controller.reason
+        if decision is None or decision.target == pool.target:
+            return
         log.info(
             "{label}: subflows {before} -> {after} ({reason})",
-            label=f"path {pool.path}" if pool.path else "auto",
+            label=f"path {pool.path}" if pool.path else "subflows auto",
             before=pool.target,
             after=decision.target,
             reason=printable(decision.reason),
