@@ -89,12 +89,17 @@ def _monitor() -> tuple[Monitor, Driver, Clock]:
     return monitor, driver, clock
 
 
-def test_the_monitor_tags_subflows_and_sums_paths() -> None:
+def _sampled() -> tuple[Monitor, Snapshot]:
+    """The monitor after one second in which wifi's subflow 1 sent 3 MiB and lte's 1 MiB."""
     monitor, driver, clock = _monitor()
     monitor.sample()
     clock.advance(1.0)
     driver.sent = {1: 3 * MiB, 2: 1 * MiB, 3: 0}
-    snap = monitor.sample()
+    return monitor, monitor.sample()
+
+
+def test_the_monitor_tags_subflows_and_sums_paths() -> None:
+    _, snap = _sampled()
     assert [(r.sid, r.path) for r in snap.subflows] == [(1, "wifi"), (2, "lte"), (3, "wifi")]
     wifi, lte = snap.paths
     assert (wifi.name, wifi.open, wifi.target, wifi.auto) == ("wifi", 2, 2, True)
@@ -106,11 +111,7 @@ def test_the_monitor_tags_subflows_and_sums_paths() -> None:
 
 
 def _snapshot() -> Snapshot:
-    monitor, driver, clock = _monitor()
-    monitor.sample()
-    clock.advance(1.0)
-    driver.sent = {1: 3 * MiB, 2: 1 * MiB, 3: 0}
-    snap = monitor.sample()
+    _, snap = _sampled()
     down = _path("lte", 2, open=0, state="down", why="interface wwan0 has no IPv4 address")
     return replace(snap, paths=(snap.paths[0], replace(snap.paths[1], state="down", why=down.why)))
 
@@ -154,11 +155,7 @@ def test_no_paths_no_paths_table() -> None:
 
 
 def test_metrics_carry_the_path() -> None:
-    monitor, driver, clock = _monitor()
-    monitor.sample()
-    clock.advance(1.0)
-    driver.sent = {1: 3 * MiB, 2: 1 * MiB, 3: 0}
-    monitor.sample()
+    monitor, _ = _sampled()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(monitor))
     samples = {
