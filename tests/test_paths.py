@@ -360,7 +360,10 @@ def test_a_missing_interface_waits_alone_and_comes_back(log_messages: list[str])
     bench.run(2)
     assert bench.bound[-1] == ("lte", "203.0.113.10")
     assert len(_subflows(lte)) == 2
+    said = len([m for m in log_messages if m.startswith("path ")])
     bench.stop()
+    # Stopping the client closes every subflow on purpose: no path is "down".
+    assert len([m for m in log_messages if m.startswith("path ")]) == said
 
 
 def test_losing_every_subflow_takes_the_path_down(log_messages: list[str]) -> None:

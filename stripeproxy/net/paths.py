@@ -427,6 +427,8 @@ class PathPool(MultiService):
     def _say(self, line: str | None, warn: bool = False) -> None:
         if line is None or not self.path:
             return  # no --path: the slots' own lines say it all, as before
+        if not getattr(self.parent, "running", True):
+            return  # the client is stopping (OverlayService): its subflows go on purpose
         (log.warn if warn else log.info)("{line}", line=line, path=self.path)
 
     def unavailable(self, why: str) -> None:
