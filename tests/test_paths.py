@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import Keys
 from hypothesis import given
 from hypothesis import strategies as st
+from test_cli import twistd
 from test_dial import PSK, RETRY_MAX, PlayedServer
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address
@@ -179,6 +181,16 @@ def test_path_option_errors(keys: Keys, argv: list[str], words: str) -> None:
     with pytest.raises(usage.UsageError) as caught:
         _options(keys, *argv)
     assert words in str(caught.value)
+
+
+def test_under_twistd_a_bad_path_is_one_line_and_status_2(keys: Keys, tmp_path: Path) -> None:
+    result = twistd(
+        tmp_path, "stripe-client", "--psk-file", keys.psk, "--no-tls", "--path", "a=198.51.100.77"
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("stripe-client: --path a: 198.51.100.77 is not an address of this host")
+    assert line.endswith("(see: twistd stripe-client --help)")
 
 
 def test_a_local_address_binds_and_a_foreign_one_does_not() -> None:

@@ -153,10 +153,10 @@ class Options(SessionOptions):
         super().__init__()  # type: ignore[no-untyped-call]
         self["paths"] = []
 
+    # One line: twistd's --help prints a docstring's line breaks and indentation as they are.
+    # SOURCE is an address or an interface (resolved at every dial); K defaults to --subflows.
     def opt_path(self, value: str) -> None:
-        """Subflows from a local source: NAME=SOURCE[:K], SOURCE an address or an
-        interface (resolved at every dial), K its subflows (default: --subflows).
-        Repeatable: one session over several uplinks (README, Bonding)."""
+        """NAME=SOURCE[:K]: K subflows from SOURCE, an address or interface (repeatable)."""
         try:
             self["paths"].append(parse_path(value))
         except ValueError as e:
