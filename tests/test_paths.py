@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from test_cli import twistd
 from test_dial import PSK, RETRY_MAX, PlayedServer
 from twisted.application.service import MultiService
+from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
@@ -529,3 +530,21 @@ def test_auto_k_feeds_the_controller_and_applies_its_decision(log_messages: list
     assert "path lte: subflows 4 -> 5 (goodput +18% with 5)" in log_messages
     auto.stop()
     assert clock.getDelayedCalls() == []
+
+
+def test_a_subflow_this_client_closes_is_no_news(log_messages: list[str]) -> None:
+    """With TLS an abort reads "connection lost"; the slot knows it closed it itself."""
+    bench = Bench()
+    lte = bench.pool("lte=198.51.100.4:2", 2)
+    bench.top.startService()  # type: ignore[no-untyped-call]
+    bench.run(1)
+    first, second = _subflows(lte)
+    first.transport.abortConnection = lambda: first.transport._close(error.ConnectionLost())
+    first.abort()
+    second.transport.loseConnection()  # the server closed this one
+    bench.run(0.1)
+    lost = [m for m in log_messages if ": lost (" in m]
+    assert lost == ["subflow 2 to server:1: lost (closed by the server); dialling again"]
+    assert lte.status().state == "down"
+    assert lte.status().why == "its last subflow was lost (closed by the server)"
+    bench.stop()

@@ -116,6 +116,12 @@ class ClientSubflow(SubflowProtocol):
                 return
         super().fail(reason)
 
+    def abort(self) -> None:
+        """Close it ourselves: its slot then knows the loss is no news (with TLS the
+        reason reads "connection lost", as if the network had cut it)."""
+        self.dial.aborted = True
+        super().abort()
+
     def lost(self, reason: Failure | None) -> None:
         if self.handshake.state in _UNFINISHED:
             self.redial.handshake_failed()  # timed out, a bad proof, a TLS error...

@@ -152,6 +152,7 @@ class DialOutcome:
         self.reason: Failure | None = None
         self.handshake_timeout = handshake_timeout
         self.watched = False
+        self.aborted = False  # this client closed it (the session, or a retired slot)
         self.challenged = False
         self.rejection: Rejected | None = None
         self.failure: str | None = None
@@ -449,13 +450,15 @@ class DialSlot:
                 "subflow {slot} to {address}: joined again", slot=self.slot, address=self.address
             )
 
-    def lost(self, reason: Failure | None) -> None:
-        """A joined subflow is gone (``ClientService`` dials again)."""
+    def lost(self, reason: Failure | None, aborted: bool = False) -> None:
+        """A joined subflow is gone (``ClientService`` dials again); ``aborted``:
+        this client closed it."""
         self._enter("connecting")
+        ours = aborted or (reason is not None and isinstance(reason.value, error.ConnectionAborted))
         if self.watcher is not None:
-            self.watcher.slot_lost(self, describe_loss(reason))
-        if reason is not None and isinstance(reason.value, error.ConnectionAborted):
-            return  # we closed it: the session has logged why
+            self.watcher.slot_lost(self, "closed by this client" if ours else describe_loss(reason))
+        if ours:
+            return  # the session (or whoever closed it) has logged why
         self.log.info(
             "subflow {slot} to {address}: lost ({why}); dialling again",
             slot=self.slot,
@@ -545,7 +548,7 @@ class DialEndpoint:
             def gone(_: None) -> None:
                 reason = subflow.dial.reason
                 slot.subflow = None
-                slot.lost(reason)
+                slot.lost(reason, subflow.dial.aborted)
                 # Failure() is untyped in Twisted.
                 done = reason or Failure(error.ConnectionDone())  # type: ignore[no-untyped-call]
                 handle.connectionLost(done)
