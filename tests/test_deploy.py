@@ -18,7 +18,6 @@ live one.
 from __future__ import annotations
 
 import csv
-import itertools
 import os
 import re
 import shlex
@@ -55,12 +54,9 @@ from helpers import (
     wait_listening,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IStreamClientEndpoint
 
 from stripeproxy.cli import client_tap, server_tap
 from stripeproxy.core import handshake, routing
-from stripeproxy.net.endpoints import parse_host_port
 
 DEPLOY = REPO / "deploy"
 SYSTEMD = DEPLOY / "systemd"
@@ -682,23 +678,6 @@ UPLINKS = ["127.0.0.2", "127.0.0.3"]
 MULTIPATH_K = 4
 
 
-def alternating_sources(monkeypatch: pytest.MonkeyPatch, sources: list[str]) -> None:
-    """Each subflow slot of the next client binds the next of ``sources``.
-
-    A stand-in for ``--path a=127.0.0.2:2 --path b=127.0.0.3:2`` (issue 12
-    item 1) until the client has it: the tap builds one endpoint per slot.
-    """
-    turn = itertools.cycle(sources)
-    build = client_tap.client_endpoint
-
-    def bound(reactor: object, text: str, timeout: float) -> IStreamClientEndpoint:
-        host, port = parse_host_port(text)
-        assert build(reactor, text, timeout) is not None  # the tap's own parsing still runs
-        return TCP4ClientEndpoint(reactor, host, port, timeout, bindAddress=(next(turn), 0))
-
-    monkeypatch.setattr(client_tap, "client_endpoint", bound)
-
-
 def sources_of(client: Client) -> set[str]:
     """The local addresses of the client's current subflows."""
     driver = client.driver
@@ -720,9 +699,10 @@ async def test_haproxy_keeps_a_multipath_session_on_one_instance(
     # Its first session's token hashes to the first instance, and so does
     # its second's (see the last step).
     fixed_session_ids(monkeypatch, FIRST_INSTANCE_SESSION_IDS)
-    alternating_sources(monkeypatch, UPLINKS)
     extra = ["--server", f"127.0.0.1:{balancer.port}", "--server-name", "localhost"]
     extra += ["--retry-max", "1"]
+    for name, source in zip("ab", UPLINKS, strict=True):
+        extra += ["--path", f"{name}={source}:{MULTIPATH_K // 2}"]
     client = await start_client(cleanup, keys, balancer.port, True, MULTIPATH_K, extra)
     clients = {"multipath": client}
 

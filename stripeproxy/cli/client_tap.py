@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import ipaddress
+import itertools
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -22,6 +26,15 @@ from stripeproxy.cli.options import (
     file_problem,
     session_parameters,
 )
+from stripeproxy.core.paths import (
+    AUTO,
+    MAX_K,
+    PathSpec,
+    SourceKind,
+    parse_path,
+    parse_subflows,
+    validate_paths,
+)
 from stripeproxy.net import congestion
 from stripeproxy.net.client import ClientSettings, Overlay, OverlayService
 from stripeproxy.net.client_subflow import SubflowFactory
@@ -32,6 +45,7 @@ from stripeproxy.net.endpoints import (
     parse_host_port,
     server_endpoint,
 )
+from stripeproxy.net.paths import AutoK, KControl, PathEndpoint, PathPool, check_source
 from stripeproxy.net.routing import route_subflows
 from stripeproxy.net.socks import SocksFactory
 from stripeproxy.net.tls import client_tls_creator, parse_fingerprint
@@ -39,6 +53,20 @@ from stripeproxy.net.tls_transport import SubflowTLSEndpoint
 
 # RFC 1929: a username and a password are each 1 to 255 bytes long.
 RFC1929_MAX = 255
+# --subflows auto: the warm minimum (one subflow's loss never leaves a path
+# without one, and re-injection has somewhere to go), the ceiling, and where
+# each path starts (a transfer that begins at once is not held at the minimum).
+AUTO_MIN = 2
+AUTO_MAX = 16
+AUTO_START = 4
+
+
+def _family(host: str) -> int | None:
+    """4 or 6 for an address, None for a name."""
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
 
 
 class Options(SessionOptions):
@@ -65,7 +93,28 @@ class Options(SessionOptions):
     optParameters = [
         ["server", "s", "127.0.0.1:8443", "stripe-server address: host:port or endpoint string."],
         ["listen", "l", "127.0.0.1:1080", "SOCKS5 listener: host:port or endpoint string."],
-        ["subflows", "k", 6, "Subflows to keep open (K).", int],
+        [
+            "subflows",
+            "k",
+            6,
+            "Subflows to keep open (K), per path with --path; 'auto': the count follows "
+            "the measured goodput, between --subflows-min and --subflows-max.",
+            parse_subflows,
+        ],
+        [
+            "subflows-min",
+            None,
+            AUTO_MIN,
+            "With --subflows auto: subflows kept open even when idle (per path).",
+            int,
+        ],
+        [
+            "subflows-max",
+            None,
+            AUTO_MAX,
+            "With --subflows auto: the most subflows opened (per path).",
+            int,
+        ],
         ["ca", None, None, "CA certificate(s) that verify the server (PEM)."],
         ["server-fingerprint", None, None, "Pinned SHA-256 fingerprint of the server cert."],
         ["server-name", None, None, "Name to verify in the server cert (default: its host)."],
@@ -101,10 +150,22 @@ class Options(SessionOptions):
         *session_parameters(ClientSettings),
     ]
 
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["paths"] = []
+
+    # One line: twistd's --help prints a docstring's line breaks and indentation as they are.
+    # SOURCE is an address or an interface (resolved at every dial); K defaults to --subflows.
+    def opt_path(self, value: str) -> None:
+        """NAME=SOURCE[:K]: K subflows from SOURCE, an address or interface (repeatable)."""
+        try:
+            self["paths"].append(parse_path(value))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
     def postOptions(self) -> None:
         super().postOptions()
-        if self["subflows"] < 1:
-            raise usage.UsageError("--subflows must be at least 1")
+        self._check_paths()
         keys = self["keys"]
         if self["key-id"] is not None and list(keys) == [""]:
             # A file with one bare key: --key-id names it (the server's NAME for it).
@@ -131,6 +192,35 @@ class Options(SessionOptions):
                     raise usage.UsageError("--server-name is needed with an endpoint string")
                 self["server-name"] = parse_host_port(self["server"])[0]
             self["tls"] = self._tls_creator()
+
+    def _check_paths(self) -> None:
+        """--path and --subflows auto: one consistent set, every address local."""
+        low, high = self["subflows-min"], self["subflows-max"]
+        if not 1 <= low <= high <= MAX_K:
+            raise usage.UsageError(
+                f"need 1 <= --subflows-min ({low}) <= --subflows-max ({high}) <= {MAX_K}"
+            )
+        paths: list[PathSpec] = self["paths"]
+        try:
+            validate_paths(paths)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if paths and is_endpoint_string(self["server"]):
+            raise usage.UsageError("--path needs --server as host:port, not an endpoint string")
+        server = None if is_endpoint_string(self["server"]) else parse_host_port(self["server"])[0]
+        server_family = _family(server) if server is not None else None
+        for path in paths:
+            if path.family is not None and server_family not in (None, path.family):
+                raise usage.UsageError(
+                    f"--path {path.name}: an IPv{path.family} source cannot reach an "
+                    f"IPv{server_family} --server"
+                )
+            if path.kind is SourceKind.ADDRESS:
+                why = check_source(path.source)
+                if why is not None:
+                    raise usage.UsageError(
+                        f"--path {path.name}: {path.source} is not an address of this host ({why})"
+                    )
 
     def _socks_credentials(self) -> None:
         """SOCKS authentication: password from a file, RFC 1929 lengths, no open proxy."""
@@ -201,6 +291,72 @@ def client_settings(options: Options, reactor: Any) -> ClientSettings:
     )
 
 
+def _controller_class() -> Callable[..., KControl]:
+    """The K controller (core/kcontrol.py), looked up when --subflows auto asks for it."""
+    module = importlib.import_module("stripeproxy.core.kcontrol")
+    controller: Callable[..., KControl] = module.KController
+    return controller
+
+
+def _build_pools(options: Options, overlay: Overlay, parent: OverlayService) -> list[PathPool]:
+    """One pool of dial slots per path (one implicit path without --path)."""
+    creator = options["tls"]
+    if creator is not None:  # each subflow's SNI names its session (SPEC.md section 2)
+        creator = route_subflows(creator, overlay, options["server-name"])
+    server = options["server"]
+    specs: list[PathSpec | None] = list(options["paths"]) or [None]
+    numbers = itertools.count(1)  # slot numbers, unique across paths
+    low, high = options["subflows-min"], options["subflows-max"]
+    pools: list[PathPool] = []
+    for spec in specs:
+        name = spec.name if spec is not None else ""
+        # One factory, so one re-dial policy, per path: its slots share the server,
+        # the key and the uplink; another path's failures must not slow them.
+        factory = SubflowFactory(overlay, options["retry-max"], name)
+        k = spec.k if spec is not None and spec.k is not None else options["subflows"]
+        auto = k == AUTO
+        size = min(high, max(low, AUTO_START)) if auto else int(k)
+
+        def build(number: int, pool: PathPool, factory: SubflowFactory = factory) -> DialService:
+            assert pool.endpoint is not None
+            slot = DialSlot(
+                number,
+                server,
+                creator is not None,
+                options["retry-max"],
+                reactor,
+                key_id=options["key-id"],
+                path=pool.path,
+            )
+            dial = DialEndpoint(pool.endpoint, factory, slot)
+            return DialService(dial, factory.redial.delay, reactor)
+
+        pool = PathPool(name, spec.source if spec is not None else "", reactor, build, numbers)
+        endpoint: IStreamClientEndpoint
+        if spec is None:
+            endpoint = client_endpoint(reactor, server, options["connect-timeout"])
+        else:
+            host, port = parse_host_port(server)
+            bound = PathEndpoint(reactor, host, port, options["connect-timeout"], spec, pool)
+            if spec.kind is SourceKind.INTERFACE:
+                pool.source_check = bound.current
+            endpoint = bound
+        if creator is not None:
+            endpoint = SubflowTLSEndpoint(creator, endpoint)
+        pool.endpoint = overlay.watch(endpoint)
+        pool.factory = factory
+        if auto:
+            controller = _controller_class()(k_min=low, k_max=high, k_start=size)
+            pool.autok = AutoK(pool, controller, reactor)
+        pool.resize(size)
+        attach(pool, parent)
+        pools.append(pool)
+    first = pools[0]
+    assert first.endpoint is not None and first.factory is not None
+    overlay.spare_dial = partial(first.endpoint.connect, first.factory)  # see Overlay.session_for
+    return pools
+
+
 def makeService(options: Options) -> IService:
     check_host_tuning(Logger())
     overlay = Overlay(client_settings(options, reactor))
@@ -209,29 +365,7 @@ def makeService(options: Options) -> IService:
     # listener), once the streams in flight have drained.
     subflows = OverlayService(overlay, reactor, options["drain-timeout"])
     attach(subflows, top)
-    creator = options["tls"]
-    if creator is not None:  # each subflow's SNI names its session (SPEC.md section 2)
-        creator = route_subflows(creator, overlay, options["server-name"])
-    # One re-dial policy for every slot: they share the server and the key.
-    factory = SubflowFactory(overlay, options["retry-max"])
-    slots: list[DialSlot] = []
-    for number in range(1, options["subflows"] + 1):
-        endpoint = client_endpoint(reactor, options["server"], options["connect-timeout"])
-        if creator is not None:
-            endpoint = SubflowTLSEndpoint(creator, endpoint)
-        endpoint = overlay.watch(endpoint)
-        slot = DialSlot(
-            number,
-            options["server"],
-            creator is not None,
-            options["retry-max"],
-            reactor,
-            key_id=options["key-id"],
-        )
-        slots.append(slot)
-        dial = DialEndpoint(endpoint, factory, slot)
-        attach(DialService(dial, factory.redial.delay, reactor), subflows)
-    overlay.spare_dial = partial(endpoint.connect, factory)  # see Overlay.session_for
+    pools = _build_pools(options, overlay, subflows)
     socks = ListenService(
         "SOCKS listener",
         options["listen"],
@@ -241,14 +375,16 @@ def makeService(options: Options) -> IService:
         options.tell_operator,
     )
     attach(socks, top)
-    k = options["subflows"]
+    shown = [p for p in pools if p.path or p.autok is not None]
     add_observability(
         top,
         options,
         reactor,
         reactor,
         lambda: [overlay.driver] if overlay.driver is not None else [],
-        lambda: max(0, overlay.joins - k),
-        dials=lambda: [slot.status() for slot in slots],
+        # Joins beyond each slot's first.
+        lambda: max(0, overlay.joins - sum(p.slots_joined for p in pools)),
+        dials=lambda: [s.slot.status() for p in pools for s in p.slots],
+        paths=lambda: [p.status() for p in shown],
     )
     return top

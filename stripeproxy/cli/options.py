@@ -22,6 +22,7 @@ from twisted.python import usage
 from stripeproxy.cli.keygen import load_keys
 from stripeproxy.cli.listen import ListenService, loopback_only
 from stripeproxy.core.congestion import AUTO
+from stripeproxy.core.paths import PathStatus
 from stripeproxy.core.scheduler import SCHEDULERS
 from stripeproxy.core.session import SessionConfig
 from stripeproxy.net.dial import DialStatus
@@ -350,6 +351,7 @@ def add_observability(
     redials: Callable[[], int] = lambda: 0,
     log: Logger | None = None,
     dials: Callable[[], Iterable[DialStatus]] = tuple,
+    paths: Callable[[], Iterable[PathStatus]] = tuple,
 ) -> None:
     """Start the monitor, the dashboard and the metrics listener as asked.
 
@@ -359,7 +361,7 @@ def add_observability(
         return
     from stripeproxy.ops.observe import Monitor
 
-    monitor = Monitor(options.role, clock, sessions, redials, dials=dials)
+    monitor = Monitor(options.role, clock, sessions, redials, dials=dials, paths=paths)
     attach(monitor, top)
     if options["metrics"]:
         from stripeproxy.ops.metrics import metrics_site

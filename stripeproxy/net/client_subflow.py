@@ -24,7 +24,9 @@ _UNFINISHED = frozenset(
 class ClientSubflow(SubflowProtocol):
     """Client end of a subflow: answer the challenge, check the server's proof."""
 
-    def __init__(self, overlay: Overlay, redial: RedialPolicy | None = None) -> None:
+    def __init__(
+        self, overlay: Overlay, redial: RedialPolicy | None = None, path: str = ""
+    ) -> None:
         settings = overlay.settings
         super().__init__(
             settings.reactor,
@@ -34,6 +36,8 @@ class ClientSubflow(SubflowProtocol):
             congestion=settings.congestion,
         )
         self.overlay = overlay
+        # The --path this subflow leaves by ("": no --path); the views group by it.
+        self.path = path
         self.redial = redial if redial is not None else RedialPolicy()
         self.handshake = handshake.ClientHandshake(
             settings.psk, settings.key_id, settings.config.crc, self._choose_session
@@ -119,6 +123,12 @@ class ClientSubflow(SubflowProtocol):
                 return
         super().fail(reason)
 
+    def abort(self) -> None:
+        """Close it ourselves: its slot then knows the loss is no news (with TLS the
+        reason reads "connection lost", as if the network had cut it)."""
+        self.dial.aborted = True
+        super().abort()
+
     def lost(self, reason: Failure | None) -> None:
         if self.handshake.state in _UNFINISHED:
             self.redial.handshake_failed()  # timed out, a bad proof, a TLS error...
@@ -128,13 +138,18 @@ class ClientSubflow(SubflowProtocol):
 
 class SubflowFactory(Factory):
     """Builds a :class:`ClientSubflow` per dial; its ``redial`` policy paces the re-dials
-    (pass ``redial.delay`` as the ``ClientService``'s ``retryPolicy``)."""
+    (pass ``redial.delay`` as the ``ClientService``'s ``retryPolicy``).
+
+    One factory per path: a path whose handshakes fail (a black-holed
+    uplink) backs its own slots off, not the other paths'.
+    """
 
     noisy = False
 
-    def __init__(self, overlay: Overlay, retry_max: float = 10.0) -> None:
+    def __init__(self, overlay: Overlay, retry_max: float = 10.0, path: str = "") -> None:
         self.overlay = overlay
+        self.path = path
         self.redial = RedialPolicy(max_delay=retry_max)
 
     def buildProtocol(self, addr: Any) -> ClientSubflow:
-        return ClientSubflow(self.overlay, self.redial)
+        return ClientSubflow(self.overlay, self.redial, self.path)

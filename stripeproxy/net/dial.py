@@ -23,6 +23,7 @@ that service and the endpoint:
 from __future__ import annotations
 
 import errno
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -66,6 +67,7 @@ __all__ = [
     "DialSlot",
     "DialStatus",
     "HandshakeFailed",
+    "SlotWatcher",
     "classify",
     "describe_loss",
 ]
@@ -86,6 +88,7 @@ class DialKind(StrEnum):
     BAD_KEY = "bad-key"
     REJECTED = "rejected"
     HANDSHAKE = "handshake"
+    NO_SOURCE = "no-source"  # the path's source has no usable address (net/paths.py)
     OTHER = "other"
 
 
@@ -149,6 +152,7 @@ class DialOutcome:
         self.reason: Failure | None = None
         self.handshake_timeout = handshake_timeout
         self.watched = False
+        self.aborted = False  # this client closed it (the session, or a retired slot)
         self.challenged = False
         self.rejection: Rejected | None = None
         self.failure: str | None = None
@@ -317,6 +321,17 @@ class DialStatus:
     failures: int  # failed attempts in a row (0 once joined)
     failed_total: int  # failed attempts over the client's life
     since: float  # when the state last changed (the slot's clock)
+    path: str = ""  # the --path it belongs to ("": no --path)
+    session: str = ""  # while joined: the session's label and the subflow's id in it
+    sid: int = 0
+
+
+class SlotWatcher(typing.Protocol):
+    """Who hears of a slot's changes besides the log: its path (net/paths.py)."""
+
+    def slot_joined(self, slot: DialSlot) -> None: ...
+    def slot_failed(self, slot: DialSlot, dial_error: DialError) -> None: ...
+    def slot_lost(self, slot: DialSlot, why: str) -> None: ...
 
 
 class DialSlot:
@@ -326,7 +341,9 @@ class DialSlot:
     reason other than the one it last logged, when it connects again after
     failures, and when a joined subflow is lost; never once per attempt.  A
     bad-key REJECT is the exception: the subflow logs that once for every
-    slot (SPEC.md section 2), so the slot only records it.
+    slot (SPEC.md section 2), so the slot only records it; so is a path
+    without a usable source (its :class:`SlotWatcher` logs that once for the
+    path).
     """
 
     log = Logger()
@@ -339,8 +356,11 @@ class DialSlot:
         retry_max: float,
         clock: IReactorTime,
         key_id: str = "",
+        path: str = "",
     ) -> None:
         self.slot = slot
+        self.path = path
+        self.watcher: SlotWatcher | None = None
         self.address = address
         self.tls = tls
         self.retry_max = retry_max
@@ -356,6 +376,8 @@ class DialSlot:
         self._reported: DialError | None = None  # the failure last logged
 
     def status(self) -> DialStatus:
+        subflow = self.subflow
+        driver = subflow.driver if subflow is not None else None
         return DialStatus(
             self.slot,
             self.address,
@@ -364,6 +386,9 @@ class DialSlot:
             self.failures,
             self.failed_total,
             self.since,
+            self.path,
+            driver.label if driver is not None else "",
+            subflow.sid if subflow is not None and driver is not None else 0,
         )
 
     def _enter(self, state: str) -> None:
@@ -381,11 +406,13 @@ class DialSlot:
         self.failed_total += 1
         self.error = dial_error
         self._enter("down")
+        if self.watcher is not None:
+            self.watcher.slot_failed(self, dial_error)
         if dial_error == self._reported:
             return
         self._reported = dial_error
-        if dial_error.kind is DialKind.BAD_KEY:
-            return  # ClientSubflow logged it, once for all slots
+        if dial_error.kind in (DialKind.BAD_KEY, DialKind.NO_SOURCE):
+            return  # logged once for all slots (ClientSubflow), or for the path
         self.log.warn(
             "subflow {slot} to {address}: {reason} — retrying with backoff, at most "
             "{retry_max:g} s apart",
@@ -402,6 +429,8 @@ class DialSlot:
         self.failures = 0
         self._reported = None
         self._enter("up")
+        if self.watcher is not None:
+            self.watcher.slot_joined(self)
         if failures:
             self.log.info(
                 "subflow {slot} to {address}: connected again after {failures} failed attempt{s}",
@@ -421,11 +450,15 @@ class DialSlot:
                 "subflow {slot} to {address}: joined again", slot=self.slot, address=self.address
             )
 
-    def lost(self, reason: Failure | None) -> None:
-        """A joined subflow is gone (``ClientService`` dials again)."""
+    def lost(self, reason: Failure | None, aborted: bool = False) -> None:
+        """A joined subflow is gone (``ClientService`` dials again); ``aborted``:
+        this client closed it."""
         self._enter("connecting")
-        if reason is not None and isinstance(reason.value, error.ConnectionAborted):
-            return  # we closed it: the session has logged why
+        ours = aborted or (reason is not None and isinstance(reason.value, error.ConnectionAborted))
+        if self.watcher is not None:
+            self.watcher.slot_lost(self, "closed by this client" if ours else describe_loss(reason))
+        if ours:
+            return  # the session (or whoever closed it) has logged why
         self.log.info(
             "subflow {slot} to {address}: lost ({why}); dialling again",
             slot=self.slot,
@@ -515,7 +548,7 @@ class DialEndpoint:
             def gone(_: None) -> None:
                 reason = subflow.dial.reason
                 slot.subflow = None
-                slot.lost(reason)
+                slot.lost(reason, subflow.dial.aborted)
                 # Failure() is untyped in Twisted.
                 done = reason or Failure(error.ConnectionDone())  # type: ignore[no-untyped-call]
                 handle.connectionLost(done)

@@ -32,7 +32,7 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublish
 from zope.interface import implementer
 
 from stripeproxy.net.dial import DialStatus
-from stripeproxy.ops.observe import Monitor, Snapshot, StreamRow, SubflowRow
+from stripeproxy.ops.observe import Monitor, PathRow, Snapshot, StreamRow, SubflowRow
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -83,6 +83,44 @@ _SUBFLOW_COLUMNS: list[_Column[SubflowRow]] = [
     _Column("in flight", 5, lambda r: human_bytes(r.inflight), right=True),
     # The socket's congestion control: worth a glance, first to go after the peer.
     _Column("cc", 1, lambda r: r.cc or "-"),
+]
+
+
+# With --path: which uplink a subflow leaves by; the rows are grouped by it.
+_PATH_COLUMN: _Column[SubflowRow] = _Column("path", 9, lambda r: r.path or "-")
+
+
+def _subflow_columns(snapshot: Snapshot) -> list[_Column[SubflowRow]]:
+    if not any(row.path for row in snapshot.subflows):
+        return _SUBFLOW_COLUMNS
+    return [_SUBFLOW_COLUMNS[0], _PATH_COLUMN, *_SUBFLOW_COLUMNS[1:]]
+
+
+def _k_cell(row: PathRow) -> str:
+    """Subflows up / kept, and "auto" when the controller sets K."""
+    return f"{row.open}/{row.target}" + (" auto" if row.auto else "")
+
+
+def _path_note(row: PathRow) -> str:
+    """Why it is down, else why K last moved."""
+    if row.state == "down":
+        return row.why
+    return f"K: {row.k_reason}" if row.k_reason else ""
+
+
+_PATH_COLUMNS: list[_Column[PathRow]] = [
+    _Column("path", 10, lambda p: p.name or "(all)"),
+    _Column("state", 9, lambda p: p.state),
+    _Column("subflows", 8, _k_cell),
+    _Column("TX real", 7, lambda p: human_rate(p.rates["tx_real"]), right=True),
+    _Column("RX real", 6, lambda p: human_rate(p.rates["rx_real"]), right=True),
+    _Column("share", 7, lambda p: f"{p.share:.0%}", right=True),
+    _Column("RTT ms", 5, lambda p: f"{p.rtt_ms:.1f}" if p.rtt_ms is not None else "-"),
+    # Loss signals: payload the overlay sent again, segments TCP re-sent.
+    _Column("re-sent", 4, lambda p: human_bytes(p.retransmitted), right=True),
+    _Column("TCP retx", 3, lambda p: str(p.tcp_retransmits), right=True),
+    _Column("source", 2, lambda p: " ".join(x for x in (p.source, p.address) if x) or "-"),
+    _Column("note", 1, _path_note, flexible=True),
 ]
 
 
@@ -261,12 +299,17 @@ class _Frame:
         self.log_lines = log_lines
         self.header = _header(snapshot, width)
         self.dials = dial_lines(snapshot)
+        # Grouped by path (a stable sort: join order within each path).
+        rows = sorted(snapshot.subflows, key=lambda r: r.path)
         self.subflows = _Grid(
             "subflows",
-            _SUBFLOW_COLUMNS,
-            snapshot.subflows,
+            _subflow_columns(snapshot),
+            rows,
             "subflows",
             total=lambda name: _subflow_total(snapshot, name),
+        )
+        self.paths = (
+            _Grid("paths", _PATH_COLUMNS, list(snapshot.paths), "paths") if snapshot.paths else None
         )
         busiest = sorted(snapshot.streams, key=lambda s: -(s.send_rate + s.receive_rate))
         self.streams = _Grid("streams", _STREAM_COLUMNS, busiest, "streams (the busiest are shown)")
@@ -276,6 +319,8 @@ class _Frame:
 
     def height(self, fit: _Fit) -> int:
         lines = len(self.header) + len(self.dials)
+        if self.paths is not None:
+            lines += self.paths.height(None, fit.compact)
         lines += self.subflows.height(fit.subflows, fit.compact)
         lines += self.streams.height(fit.streams, fit.compact)
         if self.log_lines is not None:
@@ -292,6 +337,7 @@ class _Frame:
         parts: list[RenderableType] = [
             header,
             *self.dials,
+            *([self.paths.table(fit, None)] if self.paths is not None else []),
             self.subflows.table(fit, fit.subflows),
             self.streams.table(fit, fit.streams),
         ]

@@ -19,6 +19,8 @@ from twisted.web.server import Request, Site
 from stripeproxy.ops.observe import Monitor, Snapshot
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+# Every per-subflow series: path is the client's --path ("" without one, and on the server).
+_SUBFLOW_LABELS = ["role", "session", "subflow", "cc", "path"]
 
 
 class SnapshotCollector(Collector):
@@ -43,21 +45,22 @@ class SnapshotCollector(Collector):
         per_subflow = CounterMetricFamily(
             "stripeproxy_subflow_bytes",
             "Bytes on one live subflow, by direction and kind.",
-            labels=["role", "session", "subflow", "cc", "direction", "kind"],
+            labels=[*_SUBFLOW_LABELS, "direction", "kind"],
         )
         rtt = GaugeMetricFamily(
             "stripeproxy_subflow_rtt_seconds",
             "Smoothed heartbeat round-trip time of a subflow.",
-            labels=["role", "session", "subflow", "cc"],
+            labels=_SUBFLOW_LABELS,
         )
         inflight = GaugeMetricFamily(
             "stripeproxy_subflow_inflight_bytes",
             "Unacknowledged bytes sent on a subflow.",
-            labels=["role", "session", "subflow", "cc"],
+            labels=_SUBFLOW_LABELS,
         )
         for row in snap.subflows:
-            # cc: the socket's congestion control, so a dashboard can split by it.
-            ids = [role, row.session, str(row.sid), row.cc]
+            # cc: the socket's congestion control, path: the client's uplink
+            # (--path; "" without), so a dashboard can split by either.
+            ids = [role, row.session, str(row.sid), row.cc, row.path]
             for name, value in row.totals.items():
                 direction, kind = name.split("_")
                 per_subflow.add_metric([*ids, direction, kind], value)
@@ -68,6 +71,7 @@ class SnapshotCollector(Collector):
         yield rtt
         yield inflight
         yield from _dial_metrics(snap)
+        yield from _path_metrics(snap)
         yield CounterMetricFamily(
             "stripeproxy_retransmitted_bytes",
             "Payload bytes sent more than once.",
@@ -100,6 +104,55 @@ class SnapshotCollector(Collector):
             ),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+
+
+def _path_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """The client's paths: up or not, subflows open and kept (K), and why K moved.
+
+    The reason is a label of an info-style gauge (value 1): it changes
+    seldom (a K controller holds off for seconds to minutes between moves),
+    so the series it makes stay few.
+    """
+    if not snap.paths:
+        return
+    labels = ["role", "path"]
+    up = GaugeMetricFamily(
+        "stripeproxy_path_up", "1 while a subflow of the path is joined.", labels=labels
+    )
+    open_ = GaugeMetricFamily(
+        "stripeproxy_path_subflows", "Subflows of the path joined now.", labels=labels
+    )
+    target = GaugeMetricFamily(
+        "stripeproxy_path_subflows_target",
+        "Subflows the path keeps (K; under --subflows auto, the controller's target).",
+        labels=labels,
+    )
+    real = GaugeMetricFamily(
+        "stripeproxy_path_real_bytes_per_second",
+        "Payload bytes per second on the path's subflows over the window, by direction.",
+        labels=[*labels, "direction"],
+    )
+    tcp = GaugeMetricFamily(
+        "stripeproxy_path_tcp_retransmits",
+        "Segments the kernel re-sent on the path's live subflows (falls when one closes).",
+        labels=labels,
+    )
+    reason = GaugeMetricFamily(
+        "stripeproxy_path_k_reason",
+        "1 for why the path's K last moved (--subflows auto).",
+        labels=[*labels, "reason"],
+    )
+    for path in snap.paths:
+        ids = [snap.role, path.name]
+        up.add_metric(ids, 1 if path.state == "up" else 0)
+        open_.add_metric(ids, path.open)
+        target.add_metric(ids, path.target)
+        for name, value in path.rates.items():
+            real.add_metric([*ids, name.split("_")[0]], value)
+        tcp.add_metric(ids, path.tcp_retransmits)
+        if path.k_reason:
+            reason.add_metric([*ids, path.k_reason], 1)
+    yield from (up, open_, target, real, tcp, reason)
 
 
 def _dial_metrics(snap: Snapshot) -> Iterator[Metric]:

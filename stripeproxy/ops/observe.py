@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from stripeproxy.core.escape import printable
+from stripeproxy.core.paths import PathStatus
 from stripeproxy.net.dial import DialStatus
 from stripeproxy.net.driver import StreamInfo, SubflowInfo
 from stripeproxy.ops.rates import PERIOD, WINDOW, RateBook
@@ -58,6 +59,7 @@ class SubflowRow:
     rates: dict[str, float]  # bytes per second over the window
     retransmitted: int
     cc: str = ""  # the socket's congestion control ('': unknown)
+    path: str = ""  # the client's --path it leaves by ('': none, or the server)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,63 @@ class StreamRow:
     received: int  # bytes received from the remote side
     send_rate: float
     receive_rate: float
+
+
+@dataclass(frozen=True)
+class PathRow:
+    """One client path (``--path``) with its subflows' figures summed up.
+
+    ``name`` is "" for the implicit path (no ``--path``, shown under
+    ``--subflows auto`` for its K).  Loss signals are the payload the path's
+    live subflows sent again (time-outs and re-injections, as the overlay
+    sees them) and the segments their kernels re-sent (TCP's own losses,
+    which the overlay never sees: the sign that more subflows may help).
+    """
+
+    name: str
+    source: str
+    address: str  # the address its subflows bind to now ("" if none)
+    state: str  # "starting", "up", "down"
+    why: str  # why it is down
+    open: int  # subflows joined
+    target: int  # K: subflows it keeps
+    auto: bool  # K follows the controller
+    k_reason: str  # why K last moved
+    rates: dict[str, float]  # real bytes per second: tx_real, rx_real
+    share: float  # of all paths' real bytes per second, 0 to 1
+    rtt_ms: float | None  # the lowest smoothed RTT among its subflows
+    retransmitted: int
+    tcp_retransmits: int
+
+
+def path_rows(paths: Iterable[PathStatus], subflows: list[SubflowRow]) -> tuple[PathRow, ...]:
+    """Each path with the sums of its subflow rows (all rows for the implicit path)."""
+    grouped = []
+    for path in paths:
+        rows = [r for r in subflows if r.path == path.name or not path.name]
+        rates = {name: sum(r.rates[name] for r in rows) for name in ("tx_real", "rx_real")}
+        rtts = [r.rtt_ms for r in rows if r.rtt_ms is not None]
+        grouped.append((path, rows, rates, min(rtts) if rtts else None))
+    total = sum(sum(rates.values()) for _, _, rates, _ in grouped)
+    return tuple(
+        PathRow(
+            name=path.name,
+            source=path.source,
+            address=path.address,
+            state=path.state,
+            why=printable(path.why),
+            open=path.open,
+            target=path.target,
+            auto=path.auto,
+            k_reason=printable(path.k_reason),
+            rates=rates,
+            share=sum(rates.values()) / total if total > 0 else 0.0,
+            rtt_ms=rtt,
+            retransmitted=sum(r.retransmitted for r in rows),
+            tcp_retransmits=path.tcp_retransmits,
+        )
+        for path, rows, rates, rtt in grouped
+    )
 
 
 @dataclass(frozen=True)
@@ -90,6 +149,8 @@ class Snapshot:
     buffered: int = 0
     # The client's subflow slots: state and last dial error of each (empty on the server).
     dials: tuple[DialStatus, ...] = ()
+    # The client's paths (--path, or the one implicit path under --subflows auto).
+    paths: tuple[PathRow, ...] = ()
 
     @property
     def streams_open(self) -> int:
@@ -108,8 +169,10 @@ class Monitor(Service):
         period: float = PERIOD,
         window: float = WINDOW,
         dials: Callable[[], Iterable[DialStatus]] = tuple,
+        paths: Callable[[], Iterable[PathStatus]] = tuple,
     ) -> None:
         self.role = role
+        self._paths = paths
         self.clock = clock
         self._sessions = sessions
         self._redials = redials
@@ -140,6 +203,9 @@ class Monitor(Service):
         buffered = 0
         live: dict[str, dict[str, int]] = {}
         drivers = list(self._sessions())
+        dials = tuple(self._dials())
+        # Which path each joined subflow leaves by, from its slot.
+        path_of = {(d.session, d.sid): d.path for d in dials if d.sid}
         for driver in drivers:
             label = driver.label
             live[label] = driver.counters()
@@ -161,6 +227,7 @@ class Monitor(Service):
                         rates=rates,
                         retransmitted=sf.retransmitted,
                         cc=printable(sf.cc or ""),
+                        path=path_of.get((label, sf.sid), ""),
                     )
                 )
             for st in driver.stream_info():
@@ -206,7 +273,8 @@ class Monitor(Service):
             subflows_lost=totals["subflows_lost"],
             redials=self._redials(),
             buffered=buffered,
-            dials=tuple(self._dials()),
+            dials=dials,
+            paths=path_rows(self._paths(), subflow_rows),
         )
         self.latest = snapshot
         for listener in list(self.listeners):
