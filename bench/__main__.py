@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import degraded, latency, link, loopback, memory, wan
+from bench import degraded, fairness, latency, link, loopback, memory, wan
 from bench.common import Context
 from bench.machine import machine_info
 from bench.procs import make_keys
@@ -35,7 +35,7 @@ from bench.stats import (
 
 log = logging.getLogger("bench")
 
-SCENARIOS = ("loopback", "memory", "latency", "wan", "degraded")
+SCENARIOS = ("loopback", "memory", "latency", "wan", "degraded", "fairness")
 
 
 def _csv(text: str) -> list[str]:
@@ -207,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "loopback": loopback.run,
             "memory": memory.run,
             "latency": latency.run,
+            "fairness": fairness.run,
         }
         ctx.extra["on_report"] = writer.add
         for name in a.scenarios:
