@@ -78,12 +78,14 @@ class TcpSample:
 def loss_limited(before: TcpSample, after: TcpSample, algorithm: str | None = None) -> bool:
     """Whether a subflow was held back by its congestion window between two readings.
 
-    Yes when it retransmitted (a loss-based algorithm has just cut its
-    window, or is about to) or when its window is full and the sender still
-    had data waiting (cwnd-limited, not app-limited): either way the path
-    could carry more than this flow's window lets it.  A model-based
-    algorithm (``algorithm`` is BBR) paces at the rate it measured and does
-    not back off on loss, so for it only a full window counts.
+    Yes when it retransmitted or is in loss recovery (a loss-based
+    algorithm has cut its window, or is about to) or when everything its
+    window allows is in flight (cwnd-limited): either way the path could
+    carry more than this flow's window lets it.  No when the kernel marked
+    the last rate sample app-limited and nothing waits unsent: the sender,
+    not the window, was the limit.  A model-based algorithm (``algorithm``
+    is BBR) paces at the rate it measured and does not back off on loss,
+    so for it only a full window with data waiting counts.
     """
     if after.app_limited and after.notsent_bytes == 0:
         return False
