@@ -20,10 +20,9 @@ import socket
 import struct
 
 from stripeproxy.core.kcontrol import TcpSample
+from stripeproxy.net.congestion import tcp_option
 
 __all__ = ["SIZE", "parse", "read"]
-
-_TCP_INFO = getattr(socket, "TCP_INFO", None)
 
 # Offsets in struct tcp_info (include/uapi/linux/tcp.h).
 _CA_STATE = struct.Struct("=B")  # tcpi_ca_state at 1
@@ -58,10 +57,5 @@ def parse(raw: bytes) -> TcpSample | None:
 
 def read(sock: socket.socket) -> TcpSample | None:
     """``sock``'s TCP_INFO now, or None where the platform or socket cannot say."""
-    if _TCP_INFO is None:
-        return None
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _ASK)
-    except OSError:
-        return None
-    return parse(raw)
+    raw = tcp_option(sock, "TCP_INFO", _ASK)
+    return None if raw is None else parse(raw)
