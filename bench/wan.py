@@ -28,10 +28,12 @@ down if it was already up before we started (someone else's run).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from bench.common import Context, send_argv, skip, transfer
@@ -58,7 +60,6 @@ from bench.procs import (
     run_json,
     server_args,
     sysctl,
-    tcp_sockets,
     wait_listening,
     wait_subflows,
 )
@@ -367,10 +368,30 @@ def _measure(
     )
 
 
-def open_subflows(client: Proc) -> int:
-    """The client's established connections to the server now."""
-    socks = tcp_sockets(client.pid)
-    return sum(1 for _, rport, st in socks if rport == SERVER_PORT and st == TCP_ESTABLISHED)
+def open_subflows(client: Proc, server_port: int = SERVER_PORT) -> int:
+    """The client's own established connections to the server now.
+
+    ``/proc/PID/net/tcp`` lists the whole namespace (every client in ``wa``),
+    so the rows are matched to the process by the socket inodes among its
+    file descriptors.
+    """
+    fd_dir = Path(f"/proc/{client.pid}/fd")
+    mine = set()
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                mine.add(target[8:-1])
+    count = 0
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{client.pid}/net/{name}") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                rport = int(parts[2].rsplit(":", 1)[1], 16)
+                if rport == server_port and int(parts[3], 16) == TCP_ESTABLISHED:
+                    count += parts[9] in mine
+    return count
 
 
 def _cpu_or_none(pid: int | None) -> float | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from bench import degraded, fairness, link, traffic, wan
 from bench.__main__ import SCENARIOS, parse_args
 from bench.common import Context
 from bench.loopback import summarize_collapsed
-from bench.procs import Keys
+from bench.procs import Keys, Proc
 from bench.stats import (
     SCHEMA,
     Goal,
@@ -359,6 +360,31 @@ def test_wan_variants_run_on_cubic_hosts_and_auto_k_only_where_the_client_has_it
         client_tap.Options, "optParameters", [*params, ["subflows", "k", 6, "K", subflows]]
     )
     assert wan.auto_subflows_supported()
+
+
+def test_open_subflows_counts_only_the_clients_own_connections(tmp_path: Path) -> None:
+    """Every client of a namespace shows in /proc/PID/net/tcp; only its own count."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        code = (
+            "import socket, sys; "
+            f"s = [socket.create_connection(('127.0.0.1', {port})) for _ in range(3)]; "
+            "print('up', flush=True); sys.stdin.read()"
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        try:
+            assert child.stdout is not None and child.stdout.readline() == b"up\n"
+            with socket.create_connection(("127.0.0.1", port)):
+                proc = Proc("client", child, tmp_path / "log")
+                assert wan.open_subflows(proc, port) == 3
+                assert wan.open_subflows(proc, port + 1 if port < 65535 else port - 1) == 0
+        finally:
+            child.kill()
+            child.communicate()
 
 
 def test_fairness_shares() -> None:
