@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import degraded, latency, link, loopback, memory, setup, wan
+from bench import degraded, fairness, latency, link, loopback, memory, setup, wan
 from bench.common import Context
 from bench.machine import machine_info
 from bench.procs import make_keys
@@ -35,7 +35,7 @@ from bench.stats import (
 
 log = logging.getLogger("bench")
 
-SCENARIOS = ("loopback", "memory", "latency", "setup", "wan", "degraded")
+SCENARIOS = ("loopback", "memory", "latency", "setup", "wan", "degraded", "fairness")
 
 
 def _csv(text: str) -> list[str]:
@@ -208,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "memory": memory.run,
             "latency": latency.run,
             "setup": setup.run,
+            "fairness": fairness.run,
         }
         ctx.extra["on_report"] = writer.add
         for name in a.scenarios:

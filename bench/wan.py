@@ -13,7 +13,12 @@ seconds of sending each:
 
 - upload: one direct TCP flow; K parallel TCP flows for every K > 1 in
   ``--k`` (aggregate); the overlay with every K, through SOCKS5;
-- download: one direct flow and the overlay at K = 6.
+- download: one direct flow and the overlay at K = 6;
+- with the namespaces on CUBIC (issue 11's goals): the overlay at K = 6
+  with its subflows forced to CUBIC (``--congestion cubic``; the others use
+  the default, ``auto``), and, where the client has ``--subflows auto``,
+  that controller with CUBIC subflows and with the default algorithm
+  (upload; the subflows open at the end are recorded).
 
 Goodput counts from the first byte written until the sink's receipt for
 the last one (upload) or until EOF (download), in Mbit/s.  The emulator
@@ -23,10 +28,12 @@ down if it was already up before we started (someone else's run).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from bench.common import Context, send_argv, skip, transfer
@@ -44,6 +51,7 @@ from bench.link import (
     sh,
 )
 from bench.procs import (
+    TCP_ESTABLISHED,
     BenchError,
     Proc,
     ProcessGroup,
@@ -77,13 +85,63 @@ def profile_title(name: str) -> str:
 
 
 def goals_for(profile: str, cc: str) -> dict[str, Goal]:
-    """The issue's goals for overlay K=6 upload in this profile x cc."""
+    """The issues' goals in this profile x cc (keys: see :func:`_measure`).
+
+    Issue 11 (host CUBIC, default options, so BBR subflows where offered):
+    on P3 the overlay reaches 0.6 x the link in both directions, CUBIC
+    subflows under ``--subflows auto`` reach 1.5 x six plain flows; on the
+    clean P1 and P4 the overlay matches one TCP flow in both directions.
+    """
+    rate = PROFILES[profile][2]
     if cc == "cubic" and profile in ("P2", "P3"):
-        return {
+        goals = {
             "vs tcp6": Goal(">=", 0.9, ">= 0.9 x 6 x TCP"),
             "vs direct": Goal(">=", 4.0, ">= 4 x direct"),
+            "auto-K cubic vs tcp6": Goal(">=", 1.5, ">= 1.5 x 6 x TCP"),
         }
-    return {"vs direct": Goal(">=", 0.95, ">= 0.95 x direct")}
+        if profile == "P3":
+            link = Goal(">=", 0.6 * rate, f">= 0.6 x link ({0.6 * rate:g} Mbit/s)")
+            goals.update({"link": link, "link download": link})
+        return goals
+    goals = {"vs direct": Goal(">=", 0.95, ">= 0.95 x direct")}
+    if cc == "cubic" and profile in ("P1", "P4"):
+        goals["vs direct download"] = Goal(">=", 0.95, ">= 0.95 x direct")
+        goals["auto-K subflows"] = Goal("<=", 4, "<= 4 subflows")
+    return goals
+
+
+# Issue 11's variants (namespaces on CUBIC), upload only:
+# case -> (subflows to wait for at start, client options).
+VARIANTS: dict[str, tuple[int, list[str]]] = {
+    "overlay K=6 cubic subflows": (6, ["--subflows", "6", "--congestion", "cubic"]),
+    "overlay auto-K": (1, ["--subflows", "auto"]),
+    "overlay auto-K cubic subflows": (1, ["--subflows", "auto", "--congestion", "cubic"]),
+}
+VARIANT_PORT = 1100
+
+
+def auto_subflows_supported() -> bool:
+    """Whether this checkout's stripe-client takes ``--subflows auto`` (issue 11 item 3)."""
+    from stripeproxy.cli.client_tap import Options
+
+    for entry in Options.optParameters:
+        if isinstance(entry, Sequence) and entry[0] == "subflows":
+            coerce = entry[4] if len(entry) > 4 else None
+            if not callable(coerce):
+                return False
+            try:
+                coerce("auto")
+            except ValueError:
+                return False
+            return True
+    return False
+
+
+def variants(cc: str, auto: bool) -> dict[str, tuple[int, list[str]]]:
+    """The variant cases this cc runs (none but on CUBIC hosts; auto-K where supported)."""
+    if cc != "cubic":
+        return {}
+    return {case: v for case, v in VARIANTS.items() if auto or "auto" not in v[1]}
 
 
 def keep_idle_connections_warm() -> None:
@@ -139,11 +197,15 @@ def run(ctx: Context) -> list[ScenarioReport]:
     return reports
 
 
-def _cases(ks: list[int]) -> tuple[list[tuple[str, int, int | None, bool]], int]:
-    """(case, streams, overlay K or None, download) in run order, and the download K."""
-    cases: list[tuple[str, int, int | None, bool]] = [("direct", 1, None, False)]
+def _cases(
+    ks: list[int], extra: Sequence[str] = ()
+) -> tuple[list[tuple[str, int, int | str | None, bool]], int]:
+    """(case, streams, overlay client (K or variant) or None, download) in run order,
+    and the download K."""
+    cases: list[tuple[str, int, int | str | None, bool]] = [("direct", 1, None, False)]
     cases += [(f"{k} x TCP", k, None, False) for k in ks if k > 1]
     cases += [(f"overlay K={k}", 1, k, False) for k in ks]
+    cases += [(case, 1, case, False) for case in extra]
     k_down = 6 if 6 in ks else max(ks)
     cases += [("direct download", 1, None, True), (f"overlay K={k_down} download", 1, k_down, True)]
     return cases, k_down
@@ -203,14 +265,22 @@ def _measure(
     ks: list[int],
 ) -> None:
     server = start_far_end(ctx, g)
-    clients = {k: start_client(ctx, g, f"stripe-client-k{k}", 1080 + k, k) for k in ks}
-    for k, c in clients.items():
-        wait_client(c, 1080 + k, k)
+    clients: dict[int | str, Proc] = {
+        k: start_client(ctx, g, f"stripe-client-k{k}", 1080 + k, k) for k in ks
+    }
+    ports: dict[int | str, int] = {k: 1080 + k for k in ks}
+    extra_cases = variants(cc, auto_subflows_supported())
+    for n, (case, (_, args)) in enumerate(extra_cases.items()):
+        ports[case] = VARIANT_PORT + n
+        # start_client passes --subflows K first; the variant's own comes later and wins.
+        clients[case] = start_client(ctx, g, f"stripe-client-v{n}", ports[case], 1, args)
+    for key, c in clients.items():
+        wait_client(c, ports[key], key if isinstance(key, int) else extra_cases[key][0])
     sc.congestion_control = sysctl("net.ipv4.tcp_congestion_control", NS_A)
     sc.data["cc_wb"] = sysctl("net.ipv4.tcp_congestion_control", NS_B)
     rtt = run_json(ttfb_argv((IP_B, SINK_PORT), None, 10, connect_only=True), ns=NS_A)
     sc.data["rtt_ms"] = median(x * 1000 for x in rtt["latencies"])
-    cases, k_down = _cases(ks)
+    cases, k_down = _cases(ks, list(extra_cases))
     goodput: dict[str, list[float | None]] = {c[0]: [] for c in cases}
     # Sending stops after --time, but whatever the path buffered still has to
     # arrive: the run length shows how much a path queues (the overlay's local
@@ -221,7 +291,7 @@ def _measure(
     for rep in range(ctx.reps):
         for case, streams, via_k, download in cases:
             target = (IP_B, SINK_PORT) if via_k is None else ("127.0.0.1", SINK_PORT)
-            socks = None if via_k is None else ("127.0.0.1", 1080 + via_k)
+            socks = None if via_k is None else ("127.0.0.1", ports[via_k])
             argv = send_argv(target, socks, streams, 0, ctx.seconds, download)
             watch = {"client": clients[via_k], "server": server} if via_k is not None else {}
             emu0 = _cpu_or_none(linkem)
@@ -242,15 +312,25 @@ def _measure(
             }
             if emu0 is not None and emu1 is not None:
                 info["emulator_busy"] = (emu1 - emu0) / t.wall
+            if isinstance(via_k, str):
+                info["subflows_open"] = open_subflows(clients[via_k])
             goodput[case].append(t.mbit_per_s)
             length[case].append(t.seconds)
             extra[case].append(info)
             log.info("wan %s %s rep %d %s: %.2f Mbit/s", prof, cc, rep + 1, case, t.mbit_per_s)
             time.sleep(1.0)
-    for case, _, _, _ in cases:
-        sc.add(Result(case, "goodput", "Mbit/s", goodput[case], extra={"runs": extra[case]}))
-        sc.add(Result(case, "run length", "s", length[case]))
     goals = goals_for(prof, cc)
+    link_goals = {f"overlay K={k_down}": "link", f"overlay K={k_down} download": "link download"}
+    for case, _, via, _ in cases:
+        goal = goals.get(link_goals.get(case, ""))
+        sc.add(
+            Result(case, "goodput", "Mbit/s", goodput[case], extra={"runs": extra[case]}, goal=goal)
+        )
+        sc.add(Result(case, "run length", "s", length[case]))
+        if isinstance(via, str):
+            opened = [r.get("subflows_open") for r in extra[case]]
+            auto_goal = goals.get("auto-K subflows") if "auto" in VARIANTS[via][1] else None
+            sc.add(Result(case, "subflows at end", "", opened, goal=auto_goal))
     if 6 in ks:
         sc.ratio(
             "overlay K=6 / 6 x TCP",
@@ -269,7 +349,16 @@ def _measure(
         f"overlay K={k_down} / direct, download",
         (f"overlay K={k_down} download", "goodput"),
         ("direct download", "goodput"),
+        goals.get("vs direct download"),
     )
+    for case in extra_cases:
+        sc.ratio(
+            f"{case} / 6 x TCP",
+            (case, "goodput"),
+            ("6 x TCP", "goodput"),
+            goals.get("auto-K cubic vs tcp6") if "cubic" in case and "auto" in case else None,
+        )
+        sc.ratio(f"{case} / direct", (case, "goodput"), ("direct", "goodput"))
     rtt_ms = sc.data.get("rtt_ms")
     sc.notes.append(
         f"link {link.kind}; TCP connect RTT {rtt_ms:.1f} ms; cc wa={sc.congestion_control} "
@@ -277,6 +366,32 @@ def _measure(
         if rtt_ms is not None
         else f"link {link.kind}"
     )
+
+
+def open_subflows(client: Proc, server_port: int = SERVER_PORT) -> int:
+    """The client's own established connections to the server now.
+
+    ``/proc/PID/net/tcp`` lists the whole namespace (every client in ``wa``),
+    so the rows are matched to the process by the socket inodes among its
+    file descriptors.
+    """
+    fd_dir = Path(f"/proc/{client.pid}/fd")
+    mine = set()
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                mine.add(target[8:-1])
+    count = 0
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{client.pid}/net/{name}") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                rport = int(parts[2].rsplit(":", 1)[1], 16)
+                if rport == server_port and int(parts[3], 16) == TCP_ESTABLISHED:
+                    count += parts[9] in mine
+    return count
 
 
 def _cpu_or_none(pid: int | None) -> float | None:

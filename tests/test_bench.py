@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import degraded, link, traffic, wan
+from bench import degraded, fairness, link, traffic, wan
+from bench.__main__ import SCENARIOS, parse_args
 from bench.common import Context
 from bench.loopback import summarize_collapsed
-from bench.procs import Keys
+from bench.procs import Keys, Proc
 from bench.stats import (
     SCHEMA,
     Goal,
@@ -304,6 +306,101 @@ def test_bench_skips_wan_and_says_why_from_the_command_line(tmp_path: Path) -> N
     assert sc["error"] is None and reason in sc["skipped"]
     assert f"wan skipped: {sc['skipped']}" in r.stderr
     assert f"**skipped:** {sc['skipped']}" in r.stdout
+
+
+def test_fairness_is_skipped_with_the_how_to_and_returns_its_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m bench`` adds what the scenario returns, so it must not
+    also hand the report to on_report (it would be listed twice)."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(link, "netem_works", lambda: False)
+    monkeypatch.delenv(link.ENV, raising=False)
+    ctx = context(tmp_path)
+    (sc,) = fairness.run(ctx)
+    assert sc.name == "fairness" and sc.error is None and sc.skipped == link.HOW_TO
+    assert ctx.extra["reports"] == []
+    assert "fairness" in SCENARIOS
+    assert parse_args(["--scenarios", "fairness"]).scenarios == ["fairness"]
+
+
+def test_wan_goals_of_issue_11() -> None:
+    p3 = wan.goals_for("P3", "cubic")
+    assert p3["link"].target == 60 and p3["link download"].target == 60
+    assert p3["auto-K cubic vs tcp6"].target == 1.5 and p3["vs tcp6"].target == 0.9
+    p4 = wan.goals_for("P4", "cubic")
+    assert p4["vs direct"].target == p4["vs direct download"].target == 0.95
+    assert p4["auto-K subflows"].met(4) and not p4["auto-K subflows"].met(5)
+    assert set(wan.goals_for("P1", "bbr")) == {"vs direct"}
+
+
+def test_wan_variants_run_on_cubic_hosts_and_auto_k_only_where_the_client_has_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert wan.variants("bbr", True) == {}
+    assert list(wan.variants("cubic", False)) == ["overlay K=6 cubic subflows"]
+    assert list(wan.variants("cubic", True)) == list(wan.VARIANTS)
+    cases, k_down = wan._cases([1, 6], ["overlay auto-K"])
+    assert ("overlay auto-K", 1, "overlay auto-K", False) in cases and k_down == 6
+    from stripeproxy.cli import client_tap
+
+    def subflows(value: str) -> int | str:
+        return value if value == "auto" else int(value)
+
+    params = [
+        p for p in client_tap.Options.optParameters if isinstance(p, list) and p[0] != "subflows"
+    ]
+    monkeypatch.setattr(client_tap.Options, "optParameters", [*params])
+    assert not wan.auto_subflows_supported()
+    monkeypatch.setattr(
+        client_tap.Options, "optParameters", [*params, ["subflows", "k", 6, "K", int]]
+    )
+    assert not wan.auto_subflows_supported()
+    monkeypatch.setattr(
+        client_tap.Options, "optParameters", [*params, ["subflows", "k", 6, "K", subflows]]
+    )
+    assert wan.auto_subflows_supported()
+
+
+def test_open_subflows_counts_only_the_clients_own_connections(tmp_path: Path) -> None:
+    """Every client of a namespace shows in /proc/PID/net/tcp; only its own count."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        code = (
+            "import socket, sys; "
+            f"s = [socket.create_connection(('127.0.0.1', {port})) for _ in range(3)]; "
+            "print('up', flush=True); sys.stdin.read()"
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        try:
+            assert child.stdout is not None and child.stdout.readline() == b"up\n"
+            with socket.create_connection(("127.0.0.1", port)):
+                proc = Proc("client", child, tmp_path / "log")
+                assert wan.open_subflows(proc, port) == 3
+                assert wan.open_subflows(proc, port + 1 if port < 65535 else port - 1) == 0
+        finally:
+            child.kill()
+            child.communicate()
+
+
+def test_fairness_shares() -> None:
+    assert fairness.shares(75.0, 25.0, 100.0) == {"share": 75.0, "link use": 100.0, "jain": 0.8}
+    assert fairness.shares(30.0, 30.0, 120.0) == {"share": 50.0, "link use": 50.0, "jain": 1.0}
+    assert fairness.shares(0.0, 0.0, 100.0) == {"share": None, "link use": 0.0, "jain": None}
+
+
+def test_fairness_reads_the_clients_choice_from_its_log() -> None:
+    text = (
+        "2026-12-01 [-] Loading ...\n"
+        "2026-12-01 [-] congestion control: bbr for subflows (available, allowed)\n"
+        "2026-12-01 [-] listening\n"
+    )
+    assert fairness.chosen_algorithm(text) == "bbr for subflows (available, allowed)"
+    assert fairness.chosen_algorithm("nothing here") is None
 
 
 def test_no_development_machine_path_in_the_repository() -> None:

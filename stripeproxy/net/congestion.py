@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from stripeproxy.core.congestion import Choice, choose, unusable
 
-__all__ = ["KernelCC", "decide", "in_use", "read_kernel", "resolve", "try_set"]
+__all__ = ["KernelCC", "decide", "in_use", "read_kernel", "resolve", "tcp_option", "try_set"]
 
 _PROC = Path("/proc/sys/net/ipv4")
 _CAP_NET_ADMIN = 12
@@ -68,14 +68,22 @@ def read_kernel(proc: Path = _PROC, status: Path = Path("/proc/self/status")) ->
     )
 
 
-def in_use(sock: socket.socket) -> str | None:
-    """The algorithm ``sock`` uses (None where the platform cannot say)."""
-    option = getattr(socket, "TCP_CONGESTION", None)
+def tcp_option(sock: socket.socket, name: str, size: int) -> bytes | None:
+    """``getsockopt(IPPROTO_TCP, socket.<name>, size)``; None where the platform
+    has no such option or the socket cannot answer (not TCP, closed)."""
+    option = getattr(socket, name, None)
     if option is None:
         return None
     try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, option, _NAME_MAX)
+        return sock.getsockopt(socket.IPPROTO_TCP, option, size)
     except OSError:
+        return None
+
+
+def in_use(sock: socket.socket) -> str | None:
+    """The algorithm ``sock`` uses (None where the platform cannot say)."""
+    raw = tcp_option(sock, "TCP_CONGESTION", _NAME_MAX)
+    if raw is None:
         return None
     return raw.split(b"\0", 1)[0].decode("ascii", "replace") or None
 
