@@ -23,6 +23,11 @@ class SubflowView(Protocol):
     goodput: float
 
 
+#: How much later than on a busy subflow a chunk must be expected on a free one
+#: before the scheduler waits: estimates are rough, and between near-equal
+#: subflows waiting only costs time.
+WAIT_MARGIN = 1.5
+
 #: The caller's own subflow type: a scheduler hands back one of the objects it was given.
 V = TypeVar("V", bound=SubflowView)
 
@@ -67,18 +72,31 @@ class LeastQueuedScheduler:
 
 
 class AdaptiveScheduler:
-    """Earliest expected delivery first, weighted by recent goodput.
+    """Earliest expected delivery first, and waiting when that is sooner.
 
     A chunk placed on a subflow arrives after the subflow has delivered what
-    it already holds: roughly ``(inflight + chunk) / goodput`` seconds, plus
-    half an RTT.  Picking the smallest such time sends most chunks to the
-    subflows that are delivering fastest right now, in proportion to their
-    goodput, and few to a degraded one, which keeps the receiver's reorder
-    buffer from waiting on it.  A subflow with no goodput measured yet (new,
-    or idle) is assumed as fast as the best one; and every ``probe_every``
-    picks the least recently used writable subflow gets a chunk whatever
-    its estimate, so a subflow that recovered can earn its weight back.
-    Suspect subflows are used only when nothing else can take data.
+    it already holds: roughly ``(inflight + chunk) / rate`` seconds, plus
+    half an RTT, where ``rate`` is the subflow's recent goodput.  Picking
+    the smallest such time sends chunks to the subflows in proportion to
+    their goodput.  On unequal paths that is not enough: when the fast
+    subflows are full (not writable), the next chunk would go to a slow one
+    and arrive after everything the fast ones deliver meanwhile, and the
+    receiver's reorder buffer waits for it (head-of-line blocking; issue
+    12).  So, as MPTCP's ECF and BLEST schedulers do, a chunk goes to a
+    writable subflow only if it is expected there no later than on a busy
+    subflow once that one has room; otherwise the scheduler answers None
+    and the chunk waits for the busy subflow to drain (its resume, or the
+    next ACK, brings the sender back).  Busy subflows that are suspect or
+    never measured are not waited for.
+
+    A subflow with no goodput measured yet is assumed to deliver one chunk
+    per round trip, or, before its first RTT sample, as fast as the best
+    one; but until that first sample it carries at most one chunk, so that
+    a new subflow on a slow path cannot swallow a burst.  Every
+    ``probe_every`` picks the least recently used writable subflow gets a
+    chunk whatever its estimate, so a subflow that recovered can earn its
+    weight back.  Suspect subflows are used only when nothing else can take
+    data.
     """
 
     def __init__(self, chunk: int = CHUNK_SIZE, probe_every: int = 64) -> None:
@@ -92,17 +110,41 @@ class AdaptiveScheduler:
         if not writable:
             return None
         healthy = [sf for sf in writable if not sf.suspect] or writable
+        fallback = max((sf.goodput for sf in subflows if not sf.suspect), default=0.0)
+        if fallback > 0:
+            # Something is measured: a subflow that never was carries one chunk
+            # until it is (or the whole burst would go to a new, maybe slow, path).
+            healthy = [sf for sf in healthy if self._measured(sf) or sf.inflight < self.chunk]
+            if not healthy:
+                return None  # the next ACK brings the sender back
         self._picks += 1
         if len(healthy) > 1 and self._picks % self.probe_every == 0:
             choice = min(healthy, key=lambda sf: self._last_pick.get(sf.sid, -1))
         else:
-            best_rate = max((sf.goodput for sf in healthy), default=0.0)
-            choice = min(healthy, key=lambda sf: self._delivery_time(sf, best_rate))
+            choice = min(healthy, key=lambda sf: self._delivery_time(sf, fallback))
+            if self._better_to_wait(subflows, choice, fallback):
+                return None
         self._last_pick[choice.sid] = self._picks
         return choice
 
-    def _delivery_time(self, sf: SubflowView, best_rate: float) -> float:
-        rate = sf.goodput or best_rate
+    def _better_to_wait(self, subflows: Sequence[V], choice: V, fallback: float) -> bool:
+        """A busy subflow would deliver the chunk sooner than ``choice``, once it has room."""
+        soonest = min(
+            (
+                self._delivery_time(sf, fallback)
+                for sf in subflows
+                if not sf.writable and not sf.suspect and self._measured(sf)
+            ),
+            default=None,
+        )
+        return soonest is not None and soonest * WAIT_MARGIN < self._delivery_time(choice, fallback)
+
+    @staticmethod
+    def _measured(sf: SubflowView) -> bool:
+        return sf.srtt is not None or sf.goodput > 0
+
+    def _delivery_time(self, sf: SubflowView, fallback: float) -> float:
+        rate = sf.goodput or fallback
         if rate <= 0:
             return float(sf.inflight)  # nothing measured anywhere yet: least queued
         return (sf.inflight + self.chunk) / rate + (sf.srtt or 0.0) / 2
