@@ -23,6 +23,7 @@ and >= MPTCP; on M2 (path 2 far away), bonded >= the better overlay alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Context, send_argv, skip, transfer
+from bench.common import Context, run_reported, send_argv, skip, transfer
 from bench.link import NS_A, NS_B, Wanem, available, find_wanem, ns_exists, sh
 from bench.procs import (
     BenchError,
@@ -126,37 +127,27 @@ def run(ctx: Context) -> list[ScenarioReport]:
     reports = []
     for cc in ctx.ccs:
         for prof in PROFILES:
-            t0 = time.monotonic()
-            sc = ScenarioReport(
-                f"multipath-{prof}-{cc}",
-                f"multipath {profile_title(prof)}",
-                cc,
-                {
-                    "profile": prof,
-                    "paths": {
-                        p: dict(zip(("delay_ms", "loss_pct", "rate_mbit"), v, strict=True))
-                        for p, v in PROFILES[prof].items()
-                    },
-                    "k_per_path": K,
-                    "seconds": ctx.seconds,
-                    "reps": ctx.reps,
-                    "tls": ctx.wan_tls,
-                    "link": f"{Wanem.kind} multipath.sh from {wanem.source}",
+            params = {
+                "profile": prof,
+                "paths": {
+                    p: dict(zip(("delay_ms", "loss_pct", "rate_mbit"), v, strict=True))
+                    for p, v in PROFILES[prof].items()
                 },
+                "k_per_path": K,
+                "seconds": ctx.seconds,
+                "reps": ctx.reps,
+                "tls": ctx.wan_tls,
+                "link": f"{Wanem.kind} multipath.sh from {wanem.source}",
+            }
+            sc = ScenarioReport(
+                f"multipath-{prof}-{cc}", f"multipath {profile_title(prof)}", cc, params
             )
-            try:
-                _run_profile(ctx, script, prof, cc, sc)
-            except Exception as e:
-                log.error("multipath %s %s failed: %s", prof, cc, e)
-                sc.error = str(e)
-            sc.seconds = time.monotonic() - t0
-            reports.append(sc)
-            if ctx.extra.get("on_report"):
-                ctx.extra["on_report"](sc)
+            reports.append(run_reported(ctx, sc, functools.partial(_run_profile, ctx, script, sc)))
     return reports
 
 
-def _run_profile(ctx: Context, script: Path, prof: str, cc: str, sc: ScenarioReport) -> None:
+def _run_profile(ctx: Context, script: Path, sc: ScenarioReport) -> None:
+    prof, cc = sc.params["profile"], sc.congestion_control or ""
     if ns_exists(NS_A) or ns_exists(NS_B):
         raise BenchError("namespaces wa/wb already exist: the emulator is in use; not touching it")
     workdir = ctx.workdir / f"multipath-{prof}-{cc}"
