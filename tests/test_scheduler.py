@@ -177,7 +177,7 @@ def test_adaptive_waits_for_a_full_fast_subflow_rather_than_use_a_slow_one() -> 
 
 
 def test_adaptive_does_not_wait_for_near_equals_suspects_or_unmeasured_subflows() -> None:
-    scheduler = AdaptiveScheduler(chunk=64 * 1024, probe_every=10_000)
+    scheduler = AdaptiveScheduler(chunk=64 * 1024, probe_every=10_000, window=1024 * 1024)
     busy = View(1, writable=False, inflight=128 * 1024, srtt=0.04, goodput=10e6)
     free = View(2, inflight=128 * 1024, srtt=0.05, goodput=9e6)  # a little slower: no wait
     assert pick_sid(scheduler, [busy, free]) == 2
@@ -187,6 +187,35 @@ def test_adaptive_does_not_wait_for_near_equals_suspects_or_unmeasured_subflows(
     assert pick_sid(scheduler, [busy, free]) == 2
     busy.suspect, busy.srtt, busy.goodput = False, None, 0.0  # nothing known about it
     assert pick_sid(scheduler, [busy, free]) == 2
+
+
+def test_adaptive_uses_a_slow_subflow_while_the_window_absorbs_its_lateness() -> None:
+    # BLEST: the chunk on the slow subflow arrives ~0.18 s after the busy
+    # one would deliver it; the busy one delivers 1.8 MB meanwhile, which
+    # the receiver holds.  A 4 MiB window takes that (with half to spare);
+    # a 2 MiB one does not, and the scheduler waits.
+    busy = View(1, writable=False, inflight=128 * 1024, srtt=0.04, goodput=10e6)
+    slow = View(2, inflight=128 * 1024, srtt=0.05, goodput=1e6)
+    assert (
+        pick_sid(AdaptiveScheduler(probe_every=10_000, window=4 * 1024 * 1024), [busy, slow]) == 2
+    )
+    assert AdaptiveScheduler(probe_every=10_000, window=2 * 1024 * 1024).pick([busy, slow]) is None
+
+
+def test_adaptive_never_waits_out_a_subflow_as_near_as_the_busy_one() -> None:
+    # Same round trip: the free subflow's low goodput only says it was given
+    # little (app-limited); waiting it out would starve it for good.
+    scheduler = AdaptiveScheduler(chunk=64 * 1024, probe_every=10_000)
+    busy = View(1, writable=False, inflight=128 * 1024, srtt=0.04, goodput=10e6)
+    starved = View(2, srtt=0.042, goodput=0.2e6)
+    assert pick_sid(scheduler, [busy, starved]) == 2
+    # The smallest RTT seen counts, not the current one (queues inflate it).
+    far = View(3, srtt=0.3, goodput=0.2e6)
+    assert scheduler.pick([busy, far]) is None
+    far.srtt = 0.04
+    assert pick_sid(scheduler, [busy, far]) == 3
+    far.srtt = 0.5
+    assert pick_sid(scheduler, [busy, far]) == 3
 
 
 def test_adaptive_gives_a_new_subflow_one_chunk_until_it_is_measured() -> None:

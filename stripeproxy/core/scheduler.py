@@ -28,6 +28,16 @@ class SubflowView(Protocol):
 #: subflows waiting only costs time.
 WAIT_MARGIN = 1.5
 
+#: The receiver's reorder window per stream assumed by default (SPEC.md section 8's
+#: stream window); :class:`~stripeproxy.core.session.Session` passes its own.
+WINDOW = 4 * 1024 * 1024
+#: Use at most 1/BLEST_SAFETY of that window for chunks held behind a slow subflow's.
+BLEST_SAFETY = 2.0
+
+#: A path is nearer than another if its round trip is shorter by this much (s):
+#: more than the jitter of RTTs measured on one path.
+NEARER = 0.005
+
 #: The caller's own subflow type: a scheduler hands back one of the objects it was given.
 V = TypeVar("V", bound=SubflowView)
 
@@ -99,11 +109,15 @@ class AdaptiveScheduler:
     data.
     """
 
-    def __init__(self, chunk: int = CHUNK_SIZE, probe_every: int = 64) -> None:
+    def __init__(
+        self, chunk: int = CHUNK_SIZE, probe_every: int = 64, window: int = WINDOW
+    ) -> None:
         self.chunk = chunk
+        self.window = window
         self.probe_every = probe_every
         self._picks = 0
         self._last_pick: dict[int, int] = {}
+        self._min_rtt: dict[int, float] = {}
 
     def pick(self, subflows: Sequence[V]) -> V | None:
         writable = [sf for sf in subflows if sf.writable]
@@ -128,16 +142,40 @@ class AdaptiveScheduler:
         return choice
 
     def _better_to_wait(self, subflows: Sequence[V], choice: V, fallback: float) -> bool:
-        """A busy subflow would deliver the chunk sooner than ``choice``, once it has room."""
+        """A busy subflow on a nearer path would deliver the chunk sooner than
+        ``choice`` once it has room, and the receiver's reorder buffer could
+        not absorb the difference.
+
+        Only a farther path (a longer round trip, which load does not change)
+        is waited out: goodput only measures what a subflow was given, so a
+        starved subflow of the same path would look slow, be waited out, and
+        starve for good.
+        """
+        late = self._delivery_time(choice, fallback)
+        far = self._base_rtt(choice)
         soonest = min(
             (
                 self._delivery_time(sf, fallback)
                 for sf in subflows
-                if not sf.writable and not sf.suspect and self._measured(sf)
+                if not sf.writable
+                and not sf.suspect
+                and self._measured(sf)
+                and far > self._base_rtt(sf) + NEARER
             ),
             default=None,
         )
-        return soonest is not None and soonest * WAIT_MARGIN < self._delivery_time(choice, fallback)
+        if soonest is None or soonest * WAIT_MARGIN >= late:
+            return False
+        # BLEST: while this chunk is on its way, the faster subflows deliver
+        # what follows it, and the receiver holds all that until it arrives.
+        # A bulk transfer gains the slow path's rate as long as that fits in
+        # the window with room to spare; past that the fast path would stall.
+        faster = sum(
+            sf.goodput or fallback
+            for sf in subflows
+            if sf is not choice and not sf.suspect and self._delivery_time(sf, fallback) < late
+        )
+        return (late - soonest) * faster * BLEST_SAFETY > self.window
 
     @staticmethod
     def _measured(sf: SubflowView) -> bool:
@@ -149,13 +187,23 @@ class AdaptiveScheduler:
             return float(sf.inflight)  # nothing measured anywhere yet: least queued
         return (sf.inflight + self.chunk) / rate + (sf.srtt or 0.0) / 2
 
+    def _base_rtt(self, sf: SubflowView) -> float:
+        """The smallest smoothed RTT seen on ``sf``: its path's round trip, queues aside."""
+        srtt = sf.srtt
+        if srtt is None:
+            return 0.0
+        base = self._min_rtt.get(sf.sid)
+        if base is None or srtt < base:
+            self._min_rtt[sf.sid] = base = srtt
+        return base
+
 
 SCHEDULERS = ("adaptive", "least-queued")
 
 
-def make_scheduler(name: str, chunk: int = CHUNK_SIZE) -> Scheduler:
+def make_scheduler(name: str, chunk: int = CHUNK_SIZE, window: int = WINDOW) -> Scheduler:
     if name == "adaptive":
-        return AdaptiveScheduler(chunk)
+        return AdaptiveScheduler(chunk, window=window)
     if name == "least-queued":
         return LeastQueuedScheduler()
     raise ValueError(f"unknown scheduler {name!r}: choose from {', '.join(SCHEDULERS)}")

@@ -62,7 +62,7 @@ class SessionBase:
         self.is_client = is_client
         self._data_overhead = wire.data_overhead(config.crc)
         self._scheduler: Scheduler = scheduler or make_scheduler(
-            config.scheduler, config.chunk_size
+            config.scheduler, config.chunk_size, config.stream_window
         )
         self._recovery = Recovery(config)
         self._credit = Credit(config)
