@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import degraded, fairness, latency, link, loopback, memory, setup, wan
+from bench import degraded, fairness, latency, link, loopback, memory, multipath, setup, wan
 from bench.common import Context
 from bench.machine import machine_info
 from bench.procs import make_keys
@@ -35,7 +35,16 @@ from bench.stats import (
 
 log = logging.getLogger("bench")
 
-SCENARIOS = ("loopback", "memory", "latency", "setup", "wan", "degraded", "fairness")
+SCENARIOS = (
+    "loopback",
+    "memory",
+    "latency",
+    "setup",
+    "wan",
+    "degraded",
+    "fairness",
+    "multipath",
+)
 
 
 def _csv(text: str) -> list[str]:
@@ -214,9 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in a.scenarios:
             t0 = time.monotonic()
             log.info("scenario %s", name)
-            if name in ("wan", "degraded"):
+            if name in ("wan", "degraded", "multipath"):
                 # Each profile x cc (or variant) is added through on_report.
-                (wan.run if name == "wan" else degraded.run)(ctx)
+                {"wan": wan.run, "degraded": degraded.run, "multipath": multipath.run}[name](ctx)
                 continue
             try:
                 got = runners[name](ctx)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,21 @@ def skip(ctx: Context, name: str, title: str, why: str) -> list[ScenarioReport]:
     if ctx.extra.get("on_report"):
         ctx.extra["on_report"](sc)
     return [sc]
+
+
+def run_reported(ctx: Context, sc: ScenarioReport, run: Callable[[], None]) -> ScenarioReport:
+    """Run one profile of a scenario into ``sc``: a failure becomes its error,
+    not the end of the benchmark; timed, then handed to ``on_report``."""
+    t0 = time.monotonic()
+    try:
+        run()
+    except Exception as e:
+        log.error("%s failed: %s", sc.name, e)
+        sc.error = str(e)
+    sc.seconds = time.monotonic() - t0
+    if ctx.extra.get("on_report"):
+        ctx.extra["on_report"](sc)
+    return sc
 
 
 def send_argv(

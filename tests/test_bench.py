@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import degraded, fairness, link, traffic, wan
+from bench import degraded, fairness, link, multipath, traffic, wan
 from bench.__main__ import SCENARIOS, parse_args
 from bench.common import Context
 from bench.loopback import summarize_collapsed
@@ -290,6 +290,73 @@ def test_wan_scenarios_are_skipped_without_root(
         (sc,) = run(ctx)
         assert sc.skipped == link.NEEDS_ROOT and "root" in sc.skipped
     assert probed == []
+
+
+def test_multipath_cases_dial_each_path_and_bond_both() -> None:
+    cases = {case: (how, path) for case, how, path in multipath.CASES}
+    assert set(cases) == {
+        "TCP path 1",
+        "TCP path 2",
+        "MPTCP",
+        "overlay path 1",
+        "overlay path 2",
+        "overlay bonded",
+    }
+    # One path: the far end's address on that path, no binding needed.
+    assert multipath.client_extra("p1") == ("10.199.1.2", [])
+    assert multipath.client_extra("p2") == ("10.199.2.2", [])
+    # Bonded: the address both paths reach, one --path per source, K each.
+    server, extra = multipath.client_extra(cases["overlay bonded"][1])
+    assert server == "10.199.9.2"
+    assert extra == ["--path", "p1=10.199.1.1:3", "--path", "p2=10.199.2.1:3"]
+    assert multipath.path_spec("M1", "p2") == "30,0.5,20"
+    assert multipath.path_spec("M2", "p2") == "150,0.5,20"
+    assert multipath.mptcp_argv("send")[-3:] == ["bench.multipath", "mptcp", "send"]
+
+
+@pytest.mark.parametrize(
+    ("prof", "goals"),
+    [
+        ("M1", {"bonded / (path 1 + path 2)": True, "bonded / MPTCP": False}),
+        ("M2", {"bonded / better path": True}),
+    ],
+)
+def test_multipath_goals_follow_the_issue(prof: str, goals: dict[str, bool]) -> None:
+    sc = ScenarioReport(f"multipath-{prof}-cubic", "t", "cubic", {})
+    goodput: dict[str, list[float | None]] = {
+        "TCP path 1": [46.0, 45.0],
+        "TCP path 2": [18.0, 18.0],
+        "MPTCP": [62.0, 64.0],
+        "overlay path 1": [40.0, 42.0],
+        "overlay path 2": [16.0, None],
+        "overlay bonded": [52.0, 60.0],
+    }
+    multipath.add_results(sc, prof, goodput, {case: [] for case in goodput})
+    total = sc.find("overlay path 1 + path 2", "goodput")
+    assert total is not None and total.reps == [56.0, None]
+    best = sc.find("overlay better path", "goodput")
+    assert best is not None and best.reps == [40.0, None]
+    with_goals = {r.case: r for r in sc.results if r.goal is not None}
+    assert set(with_goals) == set(goals)
+    for case, met in goals.items():
+        r = with_goals[case]
+        assert r.goal is not None and r.goal.met(median(r.reps)) is met
+    ratio = sc.find("bonded / (path 1 + path 2)", "goodput ratio")
+    assert ratio is not None and ratio.reps == [pytest.approx(52 / 56), None]
+
+
+def test_multipath_is_skipped_without_a_two_path_emulator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.delenv(link.ENV, raising=False)
+    (sc,) = multipath.run(context(tmp_path))
+    assert sc.name == "multipath" and sc.error is None and sc.skipped == multipath.HOW_TO
+    (sc,) = multipath.run(context(tmp_path, fake_wanem(tmp_path / "wanem")))  # no multipath.sh
+    assert sc.skipped is not None and "no executable multipath.sh" in sc.skipped
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    (sc,) = multipath.run(context(tmp_path, tmp_path / "wanem"))
+    assert sc.skipped == link.NEEDS_ROOT
 
 
 def test_bench_skips_wan_and_says_why_from_the_command_line(tmp_path: Path) -> None:

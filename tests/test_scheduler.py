@@ -158,3 +158,75 @@ def test_make_scheduler() -> None:
     assert isinstance(make_scheduler("least-queued"), LeastQueuedScheduler)
     with pytest.raises(ValueError, match="unknown scheduler"):
         make_scheduler("random")
+
+
+def test_adaptive_waits_for_a_full_fast_subflow_rather_than_use_a_slow_one() -> None:
+    # ECF/BLEST: the fast subflow (50 MB/s) is full, the slow one (2 MB/s,
+    # far) is free; a chunk there would arrive long after the fast one has
+    # drained its queue and taken it, so the scheduler answers None.
+    scheduler = AdaptiveScheduler(chunk=64 * 1024, probe_every=10_000)
+    near = View(1, writable=False, inflight=256 * 1024, srtt=0.04, goodput=50e6)
+    far = View(2, inflight=0, srtt=0.3, goodput=2e6)
+    assert scheduler.pick([near, far]) is None
+    # Once the far one would deliver sooner (the near one is badly backed up), it is used.
+    near.inflight = 8 * 1024 * 1024
+    assert pick_sid(scheduler, [near, far]) == 2
+    # Once the fast one has room, it is used.
+    near.inflight, near.writable = 256 * 1024, True
+    assert pick_sid(scheduler, [near, far]) == 1
+
+
+def test_adaptive_does_not_wait_for_near_equals_suspects_or_unmeasured_subflows() -> None:
+    scheduler = AdaptiveScheduler(chunk=64 * 1024, probe_every=10_000, window=1024 * 1024)
+    busy = View(1, writable=False, inflight=128 * 1024, srtt=0.04, goodput=10e6)
+    free = View(2, inflight=128 * 1024, srtt=0.05, goodput=9e6)  # a little slower: no wait
+    assert pick_sid(scheduler, [busy, free]) == 2
+    free.goodput = 1e6
+    assert scheduler.pick([busy, free]) is None
+    busy.suspect = True  # a chunk timed out there: it may never drain
+    assert pick_sid(scheduler, [busy, free]) == 2
+    busy.suspect, busy.srtt, busy.goodput = False, None, 0.0  # nothing known about it
+    assert pick_sid(scheduler, [busy, free]) == 2
+
+
+def test_adaptive_uses_a_slow_subflow_while_the_window_absorbs_its_lateness() -> None:
+    # BLEST: the chunk on the slow subflow arrives ~0.18 s after the busy
+    # one would deliver it; the busy one delivers 1.8 MB meanwhile, which
+    # the receiver holds.  A 4 MiB window takes that (with half to spare);
+    # a 2 MiB one does not, and the scheduler waits.
+    busy = View(1, writable=False, inflight=128 * 1024, srtt=0.04, goodput=10e6)
+    slow = View(2, inflight=128 * 1024, srtt=0.05, goodput=1e6)
+    assert (
+        pick_sid(AdaptiveScheduler(probe_every=10_000, window=4 * 1024 * 1024), [busy, slow]) == 2
+    )
+    assert AdaptiveScheduler(probe_every=10_000, window=2 * 1024 * 1024).pick([busy, slow]) is None
+
+
+def test_adaptive_never_waits_out_a_subflow_as_near_as_the_busy_one() -> None:
+    # Same round trip: the free subflow's low goodput only says it was given
+    # little (app-limited); waiting it out would starve it for good.
+    scheduler = AdaptiveScheduler(chunk=64 * 1024, probe_every=10_000)
+    busy = View(1, writable=False, inflight=128 * 1024, srtt=0.04, goodput=10e6)
+    starved = View(2, srtt=0.042, goodput=0.2e6)
+    assert pick_sid(scheduler, [busy, starved]) == 2
+    # The smallest RTT seen counts, not the current one (queues inflate it).
+    far = View(3, srtt=0.3, goodput=0.2e6)
+    assert scheduler.pick([busy, far]) is None
+    far.srtt = 0.04
+    assert pick_sid(scheduler, [busy, far]) == 3
+    far.srtt = 0.5
+    assert pick_sid(scheduler, [busy, far]) == 3
+
+
+def test_adaptive_gives_a_new_subflow_one_chunk_until_it_is_measured() -> None:
+    # A new subflow may be on a slow path: it is not given a burst on trust.
+    scheduler = AdaptiveScheduler(chunk=64 * 1024, probe_every=10_000)
+    old = View(1, inflight=4 * 1024 * 1024, srtt=0.02, goodput=20e6)
+    new = View(2)
+    assert pick_sid(scheduler, [old, new]) == 2
+    new.inflight = 64 * 1024
+    assert pick_sid(scheduler, [old, new]) == 1
+    old.writable = False
+    assert scheduler.pick([old, new]) is None  # the next ACK brings the sender back
+    new.srtt = 0.03  # its first ACK: measured now
+    assert pick_sid(scheduler, [old, new]) == 2

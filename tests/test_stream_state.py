@@ -14,6 +14,8 @@ from stripeproxy.core.session.stream import (
     REMOTE_EOF_DELIVERED,
     TERMINAL,
     TRANSITIONS,
+    RecvSide,
+    Residence,
     StreamInput,
     StreamState,
     StreamStateError,
@@ -76,3 +78,31 @@ def test_random_walks_keep_the_derived_sets_consistent(events: list[StreamInput]
         if new is S.CLOSED:
             assert fin and eof
         state = new
+
+
+def test_reorder_waits_are_charged_to_both_subflows() -> None:
+    # Subflow 2 brings offsets 100 and 200 early; subflow 1 fills the hole at
+    # 0 late.  Each early chunk waited; subflow 1 is blamed for both waits.
+    residence = Residence()
+    recv = RecvSide(1000)
+    assert recv.receive(1, 100, b"b" * 100, sid=2, now=1.0, residence=residence) == []
+    assert recv.receive(1, 200, b"c" * 100, sid=2, now=1.1, residence=residence) == []
+    assert residence.subflows == {}  # nothing released yet
+    pieces = recv.receive(1, 0, b"a" * 100, sid=1, now=1.5, residence=residence)
+    assert b"".join(pieces) == b"a" * 100 + b"b" * 100 + b"c" * 100
+    early, late = residence.subflows[2].as_dict(), residence.subflows[1].as_dict()
+    assert early["waited_s"] == pytest.approx(0.9) and early["waited_chunks"] == 2
+    assert early["blocked_s"] == 0 and early["blocked_chunks"] == 0
+    assert late["blocked_s"] == pytest.approx(0.9) and late["blocked_chunks"] == 2
+    assert late["blocked_max_s"] == pytest.approx(0.5)
+    assert late["waited_chunks"] == 0
+    assert recv.arrivals == {}  # nothing kept for released chunks
+
+
+def test_in_order_and_duplicate_chunks_record_no_wait() -> None:
+    residence = Residence()
+    recv = RecvSide(1000)
+    recv.receive(1, 0, b"a" * 100, sid=1, now=1.0, residence=residence)
+    recv.receive(1, 0, b"a" * 100, sid=2, now=2.0, residence=residence)  # a second copy
+    recv.receive(1, 100, b"b" * 100, sid=2, now=3.0, residence=residence)
+    assert residence.subflows == {}

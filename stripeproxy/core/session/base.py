@@ -35,6 +35,7 @@ from stripeproxy.core.session.recovery import Recovery, SubflowState
 from stripeproxy.core.session.sender import Sender
 from stripeproxy.core.session.stream import (
     Chunk,
+    Residence,
     Stream,
     StreamInput,
     StreamState,
@@ -61,12 +62,13 @@ class SessionBase:
         self.is_client = is_client
         self._data_overhead = wire.data_overhead(config.crc)
         self._scheduler: Scheduler = scheduler or make_scheduler(
-            config.scheduler, config.chunk_size
+            config.scheduler, config.chunk_size, config.stream_window
         )
         self._recovery = Recovery(config)
         self._credit = Credit(config)
         self._acks = AckBatcher(config)
         self._sender = Sender(config, self._scheduler, self._credit)
+        self._residence = Residence()
         self._streams: dict[int, Stream] = {}
         self._events: list[Event] = []
         self._outbox: deque[Transmit] = deque()  # frames other than DATA, in order
@@ -156,6 +158,12 @@ class SessionBase:
             total += st.recv.buffered + st.recv.held_bytes + st.send.queued
             total += st.send.unacked_bytes()
         return total
+
+    def reorder_waits(self) -> dict[int, dict[str, float]]:
+        """Seconds chunks sat in our reorder buffers, per subflow that brought
+        them (``waited``) and per subflow whose late chunk they waited for
+        (``blocked``); subflows that are gone included."""
+        return {sid: w.as_dict() for sid, w in self._residence.subflows.items()}
 
     def counters(self) -> dict[str, int]:
         """Cumulative session counters, including those of subflows that are gone."""

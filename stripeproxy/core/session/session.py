@@ -253,7 +253,7 @@ class Session(SessionBase):
             else:
                 sf.rx_real += len(frame.payload)
                 sf.rx_dummy += size - len(frame.payload)
-            self._on_data(frame, now)
+            self._on_data(sf, frame, now)
             return
         sf.rx_dummy += size
         if isinstance(frame, wire.Ack):
@@ -272,19 +272,19 @@ class Session(SessionBase):
         else:
             raise ProtocolError(f"unexpected {type(frame).__name__} frame in an open session")
 
-    def _on_data(self, frame: wire.Data, now: float) -> None:
+    def _on_data(self, sf: SubflowState, frame: wire.Data, now: float) -> None:
         st = self._streams.get(frame.stream_id)
         if st is None:
             if self._is_closed_id(frame.stream_id):
                 # Late copy for a finished stream: acknowledge so it is not sent again.
                 end = frame.offset + len(frame.payload)
-                sf = self._acks.subflow(self._recovery.subflow_list)
-                if sf is not None:
+                carrier = self._acks.subflow(self._recovery.subflow_list)
+                if carrier is not None:
                     ack = wire.Ack(frame.stream_id, end, end)
-                    self._emit(sf, [wire.encode_ack(ack, self.config.crc)], now)
+                    self._emit(carrier, [wire.encode_ack(ack, self.config.crc)], now)
                 return
             raise ProtocolError(f"DATA for stream {frame.stream_id}, which was never opened")
-        pieces = st.recv.receive(st.id, frame.offset, frame.payload)
+        pieces = st.recv.receive(st.id, frame.offset, frame.payload, sf.sid, now, self._residence)
         self._acks.want(st)
         end = frame.offset + len(frame.payload)
         recovery = self._recovery

@@ -4,8 +4,9 @@ The lifecycle is one table (:data:`TRANSITIONS`) over the states a stream
 goes through, from OPEN to both FINs and the ACK of ours (SPEC.md sections 4
 and 5).  Anything not in the table is a protocol error; the two terminal
 states absorb late inputs.  The send side cuts local bytes into chunks and
-keeps the unacknowledged ones; the receive side puts chunks back in order
-and reports what arrived beyond the first hole (SACK ranges).
+keeps the unacknowledged ones; the receive side puts chunks back in order,
+reports what arrived beyond the first hole (SACK ranges) and measures how
+long chunks waited in the reorder buffer, per subflow (:class:`Residence`).
 """
 
 from __future__ import annotations
@@ -209,12 +210,67 @@ class SendSide:
         return sum(len(c.data) for c in self.unacked.values())
 
 
+class Waits:
+    """Reorder-buffer waits tied to one subflow, in both roles it can play.
+
+    ``waited`` counts chunks this subflow delivered early, which sat in the
+    buffer until a hole before them was filled; ``blocked`` counts the waits
+    this subflow caused, by delivering the chunk that filled the hole late.
+    A slow path shows up in ``blocked``: what the receiver lost waiting on it.
+    """
+
+    __slots__ = ("blocked", "blocked_chunks", "blocked_max", "waited", "waited_chunks")
+
+    def __init__(self) -> None:
+        self.waited = 0.0  # seconds, summed over this subflow's chunks that waited
+        self.waited_chunks = 0
+        self.blocked = 0.0  # seconds, summed over the chunks a late arrival here released
+        self.blocked_chunks = 0
+        self.blocked_max = 0.0  # the longest single wait this subflow ended
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "waited_s": self.waited,
+            "waited_chunks": self.waited_chunks,
+            "blocked_s": self.blocked,
+            "blocked_chunks": self.blocked_chunks,
+            "blocked_max_s": self.blocked_max,
+        }
+
+
+class Residence:
+    """How long chunks sat in a session's reorder buffers, per subflow.
+
+    This is the head-of-line cost of striping over unequal paths (issue 12):
+    a chunk that arrives ahead of a hole cannot be delivered until the hole
+    is filled, however fast its own path was.  Each wait is recorded twice,
+    against the subflow that brought the waiting chunk and against the one
+    that brought the hole-filler, so a scheduler can be judged per path.
+    """
+
+    __slots__ = ("subflows",)
+
+    def __init__(self) -> None:
+        self.subflows: dict[int, Waits] = {}
+
+    def record(self, early: int, late: int, seconds: float) -> None:
+        subflows = self.subflows
+        waits = subflows.get(early) or subflows.setdefault(early, Waits())
+        waits.waited += seconds
+        waits.waited_chunks += 1
+        blamed = subflows.get(late) or subflows.setdefault(late, Waits())
+        blamed.blocked += seconds
+        blamed.blocked_chunks += 1
+        blamed.blocked_max = max(blamed.blocked_max, seconds)
+
+
 class RecvSide:
     """One direction we receive: chunks from subflows -> in-order bytes."""
 
     __slots__ = (
         "ack_due",
         "advertised",
+        "arrivals",
         "buffer",
         "buffered",
         "final",
@@ -227,6 +283,7 @@ class RecvSide:
     def __init__(self, window: int) -> None:
         self.next_offset = 0  # every byte below this has arrived
         self.buffer: dict[int, bytes] = {}  # out-of-order chunks by offset
+        self.arrivals: dict[int, tuple[float, int]] = {}  # their (arrival time, subflow)
         self.buffered = 0
         self.advertised = window  # the limit we last told the peer
         self.final: int | None = None  # the peer's final offset, once its FIN came
@@ -235,12 +292,22 @@ class RecvSide:
         self.held: list[bytes] = []  # in-order bytes waiting for the stream to open
         self.held_bytes = 0
 
-    def receive(self, stream_id: int, offset: int, data: bytes) -> list[bytes]:
-        """Take a DATA payload; return the bytes that are now in order (maybe none).
+    def receive(
+        self,
+        stream_id: int,
+        offset: int,
+        data: bytes,
+        sid: int = 0,
+        now: float = 0.0,
+        residence: Residence | None = None,
+    ) -> list[bytes]:
+        """Take a DATA payload that came on subflow ``sid``; return the bytes
+        that are now in order (maybe none).
 
         Raises :class:`ProtocolError` for data beyond the credit or the FIN,
         and for overlapping chunks.  Duplicates (a retransmission that
-        crossed an ACK) are dropped by offset.
+        crossed an ACK) are dropped by offset.  Chunks this one releases from
+        the reorder buffer have their wait recorded in ``residence``.
         """
         end = offset + len(data)
         if end > self.advertised:
@@ -252,6 +319,7 @@ class RecvSide:
             return []
         if offset > self.next_offset:
             self.buffer[offset] = data
+            self.arrivals[offset] = (now, sid)
             self.buffered += len(data)
             if self.buffered > max(self.advertised - self.next_offset, 0):
                 raise ProtocolError(f"stream {stream_id}: overlapping DATA")
@@ -261,7 +329,11 @@ class RecvSide:
         pieces = [data]
         self.next_offset += len(data)
         buffer = self.buffer
+        arrivals = self.arrivals
         while self.next_offset in buffer:
+            arrived, early = arrivals.pop(self.next_offset)
+            if residence is not None:
+                residence.record(early, sid, now - arrived)
             nxt = buffer.pop(self.next_offset)
             self.buffered -= len(nxt)
             pieces.append(nxt)
