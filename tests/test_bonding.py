@@ -171,7 +171,7 @@ def paced_echo(sock: socket.socket, stop: threading.Event) -> tuple[int, str, in
 async def test_the_pool_grows_and_shrinks_without_losing_data(
     cleanup: Cleanup, keys: Keys, tls: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(client_tap, "_controller_class", lambda: ScriptedController)
+    monkeypatch.setattr(client_tap, "KController", ScriptedController)
     ScriptedController.made.clear()
     target = await start_target(cleanup, EchoFactory())
     server = await start_server(cleanup, keys, tls)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import itertools
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -26,6 +24,7 @@ from stripeproxy.cli.options import (
     file_problem,
     session_parameters,
 )
+from stripeproxy.core.kcontrol import KController
 from stripeproxy.core.paths import (
     AUTO,
     MAX_K,
@@ -45,7 +44,7 @@ from stripeproxy.net.endpoints import (
     parse_host_port,
     server_endpoint,
 )
-from stripeproxy.net.paths import AutoK, KControl, PathEndpoint, PathPool, check_source
+from stripeproxy.net.paths import AutoK, PathEndpoint, PathPool, check_source
 from stripeproxy.net.routing import route_subflows
 from stripeproxy.net.socks import SocksFactory
 from stripeproxy.net.tls import client_tls_creator, parse_fingerprint
@@ -291,13 +290,6 @@ def client_settings(options: Options, reactor: Any) -> ClientSettings:
     )
 
 
-def _controller_class() -> Callable[..., KControl]:
-    """The K controller (core/kcontrol.py), looked up when --subflows auto asks for it."""
-    module = importlib.import_module("stripeproxy.core.kcontrol")
-    controller: Callable[..., KControl] = module.KController
-    return controller
-
-
 def _build_pools(options: Options, overlay: Overlay, parent: OverlayService) -> list[PathPool]:
     """One pool of dial slots per path (one implicit path without --path)."""
     creator = options["tls"]
@@ -346,7 +338,7 @@ def _build_pools(options: Options, overlay: Overlay, parent: OverlayService) -> 
         pool.endpoint = overlay.watch(endpoint)
         pool.factory = factory
         if auto:
-            controller = _controller_class()(k_min=low, k_max=high, k_start=size)
+            controller = KController(k_min=low, k_max=high, k_start=size)
             pool.autok = AutoK(pool, controller, reactor)
         pool.resize(size)
         attach(pool, parent)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from stripeproxy.core.escape import printable
+from stripeproxy.core.kcontrol import TcpSample, loss_limited, session_loss_limited
 from stripeproxy.core.paths import PathSpec, PathState, PathStatus, SourceKind
+from stripeproxy.net import congestion, tcpinfo
 from stripeproxy.net.dial import DialError, DialFailed, DialKind, DialService, DialSlot
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.subflow import find_socket
@@ -132,25 +133,15 @@ def check_source(address: str) -> str | None:
     return None
 
 
-# struct tcp_info (linux/tcp.h): 8 one-byte fields, then u32s; tcpi_total_retrans
-# is the 24th u32.
-_TCP_INFO_RETRANS = struct.Struct("=100xI")
-
-
 def tcp_retransmits(transport: Any) -> int | None:
     """Segments the kernel has re-sent on a subflow's socket (Linux), or None."""
+    sample = _tcp_sample(transport)
+    return sample.total_retrans if sample is not None else None
+
+
+def _tcp_sample(transport: Any) -> TcpSample | None:
     sock = find_socket(transport)
-    option = getattr(socket, "TCP_INFO", None)
-    if sock is None or option is None:
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, option, _TCP_INFO_RETRANS.size)
-    except OSError:
-        return None
-    if len(info) < _TCP_INFO_RETRANS.size:
-        return None
-    (retrans,) = _TCP_INFO_RETRANS.unpack_from(info)
-    return int(retrans)
+    return tcpinfo.read(sock) if sock is not None else None
 
 
 # ------------------------------------------------------------------ endpoint
@@ -491,8 +482,10 @@ class Reading:
 
 @dataclass
 class _Sample:
-    real: int  # payload bytes both ways on the path's live subflows
-    retransmitted: int  # overlay and kernel re-sends on them
+    real: int  # payload bytes both ways on the subflow
+    retransmitted: int  # the overlay's re-sends on it
+    tcp: TcpSample | None = None  # the kernel's view of its sending side (Linux)
+    algorithm: str | None = None  # its congestion control, as the kernel reports it
 
 
 class AutoK:
@@ -548,19 +541,29 @@ class AutoK:
             if row is None:
                 continue
             key = (driver.label, subflow.sid)
+            sock = find_socket(subflow.transport)
             sample = _Sample(
                 row.totals["tx_real"] + row.totals["rx_real"],
-                row.retransmitted + (tcp_retransmits(subflow.transport) or 0),
+                row.retransmitted,
+                tcpinfo.read(sock) if sock is not None else None,
+                congestion.in_use(sock) if sock is not None else None,
             )
             seen[key] = sample
             before = self._last.get(key, _Sample(0, 0))
             carried = sample.real - before.real
             moved += carried
             if carried > 0 or not row.writable:
-                votes.append(sample.retransmitted > before.retransmitted or not row.writable)
+                kernel = (
+                    before.tcp is not None
+                    and sample.tcp is not None
+                    and loss_limited(before.tcp, sample.tcp, sample.algorithm)
+                )
+                votes.append(
+                    sample.retransmitted > before.retransmitted or not row.writable or kernel
+                )
         self._last = seen
         busy = moved > 0 or any(d.buffered_bytes() > 0 for d in drivers.values())
-        limited = bool(votes) and 2 * sum(votes) >= len(votes)
+        limited = session_loss_limited(votes)
         return Reading(len(seen), moved / elapsed, busy, limited)
 
     def tick(self) -> None:
