@@ -21,7 +21,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import degraded, fairness, latency, link, loopback, memory, multipath, setup, wan
+from bench import (
+    degraded,
+    failover,
+    fairness,
+    latency,
+    link,
+    loopback,
+    memory,
+    multipath,
+    setup,
+    wan,
+)
 from bench.common import Context
 from bench.machine import machine_info
 from bench.procs import make_keys
@@ -44,6 +55,7 @@ SCENARIOS = (
     "degraded",
     "fairness",
     "multipath",
+    "failover",
 )
 
 
@@ -70,7 +82,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scenarios",
         type=_csv,
         default=list(SCENARIOS),
-        help="comma list of loopback,memory,latency,setup,wan,degraded (default: all)",
+        help=f"comma list of {','.join(SCENARIOS)} (default: all)",
     )
     ap.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes and counts")
@@ -219,13 +231,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "setup": setup.run,
             "fairness": fairness.run,
         }
+        per_profile: dict[str, Callable[[Context], list[ScenarioReport]]] = {
+            "wan": wan.run,
+            "degraded": degraded.run,
+            "multipath": multipath.run,
+            "failover": failover.run,
+        }
         ctx.extra["on_report"] = writer.add
         for name in a.scenarios:
             t0 = time.monotonic()
             log.info("scenario %s", name)
-            if name in ("wan", "degraded", "multipath"):
+            if name in per_profile:
                 # Each profile x cc (or variant) is added through on_report.
-                {"wan": wan.run, "degraded": degraded.run, "multipath": multipath.run}[name](ctx)
+                per_profile[name](ctx)
                 continue
             try:
                 got = runners[name](ctx)

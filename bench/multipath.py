@@ -104,14 +104,14 @@ def client_extra(path: str | None) -> tuple[str, list[str]]:
     return SERVER, [a for p, src in SOURCES.items() for a in ("--path", f"{p}={src}:{K}")]
 
 
-def find_multipath(wanem: Path | None) -> Path:
+def find_multipath(wanem: Path | None, how_to: str = HOW_TO) -> Path:
     """The emulator's multipath.sh; :class:`BenchError` saying what is missing otherwise."""
     found = find_wanem(wanem, os.environ)
     if found is None:
-        raise BenchError(HOW_TO)
+        raise BenchError(how_to)
     script = found.directory / "multipath.sh"
     if not os.access(script, os.X_OK):
-        raise BenchError(f"{found.source}: no executable multipath.sh there; {HOW_TO}")
+        raise BenchError(f"{found.source}: no executable multipath.sh there; {how_to}")
     return script
 
 

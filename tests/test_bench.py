@@ -12,13 +12,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from bench import degraded, fairness, link, multipath, traffic, wan
+from bench import degraded, failover, fairness, link, multipath, traffic, wan
 from bench.__main__ import SCENARIOS, parse_args
 from bench.common import Context
 from bench.loopback import summarize_collapsed
@@ -357,6 +358,89 @@ def test_multipath_is_skipped_without_a_two_path_emulator(
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     (sc,) = multipath.run(context(tmp_path, tmp_path / "wanem"))
     assert sc.skipped == link.NEEDS_ROOT
+
+
+def test_failover_is_skipped_without_a_two_path_emulator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.delenv(link.ENV, raising=False)
+    (sc,) = failover.run(context(tmp_path))
+    assert sc.name == "failover" and sc.error is None and sc.skipped == failover.HOW_TO
+    assert "failover scenario needs" in failover.HOW_TO
+    (sc,) = failover.run(context(tmp_path, fake_wanem(tmp_path / "wanem")))
+    assert sc.skipped is not None and "no executable multipath.sh" in sc.skipped
+    assert parse_args(["--scenarios", "failover"]).scenarios == ["failover"]
+
+
+def _socks_relay(drop_byte_at: int | None) -> tuple[int, threading.Thread]:
+    """A one-connection SOCKS5 (no auth, IPv4 CONNECT) relay, optionally losing one byte."""
+    ls = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with ls, ls.accept()[0] as c:
+            assert c.recv(3) == b"\x05\x01\x00"
+            c.sendall(b"\x05\x00")
+            req = c.recv(10)
+            with socket.create_connection(
+                (socket.inet_ntoa(req[4:8]), int.from_bytes(req[8:10], "big"))
+            ) as up:
+                c.sendall(b"\x05\x00\x00\x01" + bytes(6))
+                seen = 0
+                while data := c.recv(65536):
+                    if drop_byte_at is not None and seen <= drop_byte_at < seen + len(data):
+                        i = drop_byte_at - seen
+                        data = data[:i] + data[i + 1 :]
+                        seen += 1
+                    seen += len(data)
+                    up.sendall(data)
+                up.shutdown(socket.SHUT_WR)
+                while up.recv(4096):
+                    pass
+            c.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return ls.getsockname()[1], t
+
+
+@pytest.mark.parametrize("drop", [None, 100_000])
+def test_failover_traffic_ends_agree_only_on_an_exact_copy(drop: int | None) -> None:
+    """The sender's and the sink's SHA-256 match for a faithful path and differ
+    when one byte is lost; the sink's rate bins add up to what it got."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "bench.failover", "sink", "--port", "0"],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert sink.stdout is not None
+        head = sink.stdout.readline().split()
+        assert head[0] == b"ready"
+        relay, t = _socks_relay(drop)
+        send = [sys.executable, "-m", "bench.failover", "send", "--socks", f"127.0.0.1:{relay}"]
+        send += ["--target", f"127.0.0.1:{int(head[1])}", "--seconds", "0.3"]
+        sent = json.loads(subprocess.run(send, capture_output=True, env=env, timeout=60).stdout)
+        got = json.loads(sink.stdout.readline())
+        t.join(10)
+    finally:
+        sink.kill()
+        sink.wait()
+    assert sent["bytes"] > 200_000
+    assert sum(n for _, n in got["bins"]) == got["bytes"]
+    if drop is None:
+        assert (got["bytes"], got["sha256"]) == (sent["bytes"], sent["sha256"])
+    else:
+        assert got["bytes"] == sent["bytes"] - 1 and got["sha256"] != sent["sha256"]
+
+
+def test_failover_blocks_are_numbered_so_a_repeat_changes_the_stream() -> None:
+    gen = failover.blocks()
+    first = [next(gen) for _ in range(3)]
+    assert all(len(b) == failover.BLOCK for b in first)
+    assert [int.from_bytes(b[:8], "big") for b in first] == [0, 1, 2]
+    assert len(set(first)) == 3
 
 
 def test_bench_skips_wan_and_says_why_from_the_command_line(tmp_path: Path) -> None:
