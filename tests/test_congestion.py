@@ -24,8 +24,18 @@ NOT_ALLOWED = {"reno", "cubic"}
 
 # requested, available, allowed, privileged, default -> algorithm, apply, reason
 CASES = [
-    # auto, BBR loaded and allowed: BBR for everyone.
-    (AUTO, LOADED, ALLOWED, False, "cubic", "bbr", True, "bbr for subflows (available, allowed)"),
+    # auto, BBR loaded and allowed: the default first, BBR where loss is random.
+    (
+        AUTO,
+        LOADED,
+        ALLOWED,
+        False,
+        "cubic",
+        "cubic",
+        False,
+        "cubic for subflows (system default), bbr for each one that shows random loss "
+        "(bbr available, allowed)",
+    ),
     # auto, BBR loaded but not allowed, unprivileged: the system default, and why.
     (
         AUTO,
@@ -45,9 +55,10 @@ CASES = [
         NOT_ALLOWED,
         True,
         "cubic",
-        "bbr",
-        True,
-        "bbr for subflows (available, privileged)",
+        "cubic",
+        False,
+        "cubic for subflows (system default), bbr for each one that shows random loss "
+        "(bbr available, privileged)",
     ),
     # auto, module not loaded: privilege does not help.
     (
@@ -135,7 +146,9 @@ def test_choose(
     reason: str,
 ) -> None:
     choice = choose(requested, available, allowed, privileged, default)
-    assert choice == Choice(algorithm, apply, reason)
+    # Only auto moves subflows, and only when it could set BBR.
+    upgrade = "bbr" if "random loss" in reason else None
+    assert choice == Choice(algorithm, apply, reason, upgrade)
     assert choice.log_line == f"congestion control: {reason}"
 
 
@@ -165,7 +178,8 @@ def test_decide_does_not_probe_what_it_will_not_set() -> None:
         raise AssertionError(name)
 
     assert decide(AUTO, _facts(NO_BBR, NOT_ALLOWED), fail).algorithm == "cubic"
-    assert decide(AUTO, _facts(LOADED, ALLOWED), lambda name: "").algorithm == "bbr"
+    assert decide(AUTO, _facts(LOADED, ALLOWED), lambda name: "").upgrade == "bbr"
+    assert decide("cubic", _facts(LOADED, ALLOWED), fail).apply is False
 
 
 def _capture() -> tuple[list[str], object]:
@@ -182,26 +196,36 @@ def _capture() -> tuple[list[str], object]:
 @pytest.mark.parametrize(
     ("requested", "available", "expected", "line"),
     [
-        (AUTO, LOADED, "bbr", "congestion control: bbr for subflows (available, allowed)"),
+        (
+            AUTO,
+            LOADED,
+            Choice("cubic", False, "", "bbr"),
+            "congestion control: cubic for subflows (system default), bbr for each one",
+        ),
         (
             AUTO,
             NO_BBR,
-            None,
+            Choice("cubic", False, ""),
             "congestion control: cubic (system default): bbr is not available to this "
             "process (not loaded: modprobe tcp_bbr)",
         ),
-        ("reno", LOADED, "reno", "congestion control: reno for subflows (requested; "),
+        ("reno", LOADED, Choice("reno", True, ""), "congestion control: reno for subflows "),
     ],
 )
 def test_resolve_logs_one_line(
-    requested: str, available: set[str], expected: str | None, line: str
+    requested: str, available: set[str], expected: Choice, line: str
 ) -> None:
     lines, observer = _capture()
     try:
         got = resolve(requested, lambda: _facts(available, ALLOWED), lambda name: "")
     finally:
         globalLogPublisher.removeObserver(observer)  # type: ignore[arg-type]
-    assert got == expected
+    assert got is not None
+    assert (got.algorithm, got.apply, got.upgrade) == (
+        expected.algorithm,
+        expected.apply,
+        expected.upgrade,
+    )
     assert len(lines) == 1 and lines[0].startswith(line), lines
 
 
@@ -259,8 +283,12 @@ def test_real_choice_matches_what_a_socket_accepts() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         if choice.apply:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, choice.algorithm.encode())
-        assert in_use(sock) == choice.algorithm
-    assert (choice.algorithm == "bbr") == (_settable("bbr") or _REAL.default == "bbr")
+        assert in_use(sock) == choice.algorithm == _REAL.default
+        if choice.upgrade is not None:
+            assert congestion.set_algorithm(sock, choice.upgrade) == ""
+            assert in_use(sock) == choice.upgrade == "bbr"
+    can_move = _settable("bbr") and _REAL.default != "bbr"
+    assert (choice.upgrade == "bbr") == can_move
 
 
 class _Transport:

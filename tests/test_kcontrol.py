@@ -317,7 +317,13 @@ def pack_info(**fields: int) -> bytes:
     raw = bytearray(tcpinfo.SIZE)
     raw[1] = fields.get("ca_state", 0)
     raw[7] = fields.get("app_limited_byte", 0)
-    for name, offset in (("unacked", 24), ("snd_cwnd", 80), ("total_retrans", 100)):
+    for name, offset in (
+        ("unacked", 24),
+        ("rtt", 68),
+        ("snd_cwnd", 80),
+        ("total_retrans", 100),
+        ("min_rtt", 148),
+    ):
         struct.pack_into("=I", raw, offset, fields.get(name, 0))
     struct.pack_into("=I", raw, 144, fields.get("notsent_bytes", 0))
     struct.pack_into("=Q", raw, 160, fields.get("delivery_rate", 0))
@@ -333,8 +339,10 @@ def test_parse_reads_each_field_at_its_offset() -> None:
         total_retrans=13,
         notsent_bytes=17,
         delivery_rate=19 << 33,
+        rtt=80_500,
+        min_rtt=80_001,
     )
-    assert tcpinfo.parse(raw) == TcpSample(3, 13, 11, 7, 17, 19 << 33, True)
+    assert tcpinfo.parse(raw) == TcpSample(3, 13, 11, 7, 17, 19 << 33, True, 80_500, 80_001)
     assert tcpinfo.parse(pack_info(app_limited_byte=0b110)) == TcpSample(0, 0, 0, 0, 0, 0, False)
 
 

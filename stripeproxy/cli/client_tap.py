@@ -44,6 +44,7 @@ from stripeproxy.net.endpoints import (
     parse_host_port,
     server_endpoint,
 )
+from stripeproxy.net.loss_watch import subflow_congestion
 from stripeproxy.net.paths import AutoK, PathEndpoint, PathPool, check_source
 from stripeproxy.net.routing import route_subflows
 from stripeproxy.net.socks import SocksFactory
@@ -285,7 +286,7 @@ def client_settings(options: Options, reactor: Any) -> ClientSettings:
         connect_wait=options["connect-wait"],
         drain_timeout=options["drain-timeout"],
         handshake_timeout=options["handshake-timeout"],
-        congestion=congestion.resolve(options["congestion"]),
+        **subflow_congestion(reactor, congestion.resolve(options["congestion"])),
         max_frame=options["max-frame"] * KiB,
     )
 

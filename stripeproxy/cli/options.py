@@ -116,8 +116,9 @@ def session_parameters(settings: type[Any]) -> list[list[Any]]:
             # Not the settings' default (None: leave the kernel alone): the
             # tap resolves "auto" once at start (net/congestion.py).
             AUTO,
-            "TCP congestion control for subflows: auto (bbr where this process may "
-            "use it, else the system default) or a name (cubic, bbr, ...).",
+            "TCP congestion control for subflows: auto (the system default, and bbr "
+            "for each subflow that shows random loss, where this process may use it) "
+            "or a name (cubic, bbr, ...).",
         ],
         [
             "metrics",

@@ -30,6 +30,7 @@ from stripeproxy.net.access import AccessLog
 from stripeproxy.net.drain import DrainService
 from stripeproxy.net.endpoints import server_endpoint
 from stripeproxy.net.interfaces import LocalAddresses
+from stripeproxy.net.loss_watch import subflow_congestion
 from stripeproxy.net.server import ServerSettings
 from stripeproxy.net.server_subflow import SubflowFactory
 from stripeproxy.net.tls import load_server_tls
@@ -229,7 +230,7 @@ def server_settings(options: Options, reactor: Any) -> ServerSettings:
         max_sessions=options["max-sessions"],
         connect_timeout=options["connect-timeout"],
         handshake_timeout=options["handshake-timeout"],
-        congestion=congestion.resolve(options["congestion"]),
+        **subflow_congestion(reactor, congestion.resolve(options["congestion"])),
         max_frame=options["max-frame"] * KiB,
         max_handshakes=options["max-handshakes"],
         # Behind a PROXY-protocol balancer every connection starts with its address.

@@ -4,8 +4,14 @@ On a lossy long path a loss-based algorithm (CUBIC, the Linux default)
 halves its window at every loss, so K CUBIC subflows reach only a fraction
 of the link; BBR paces at the measured bottleneck rate and ignores random
 loss (issue 11: 80 ms, 1 % loss, 100 Mbit/s: 12 Mbit/s for six TCP flows,
-86.8 Mbit/s with BBR subflows).  ``auto`` therefore asks for BBR wherever the
-kernel offers it to this process, and otherwise leaves the system default.
+86.8 Mbit/s with BBR subflows).  On a clean path the roles turn: BBR
+reached 0.85-0.9 x one CUBIC flow on the emulator (40 ms, 200 Mbit/s; its
+gain cycling and RTT probes leave capacity unused) and took a smaller share
+than CUBIC next to a neighbour.  So ``auto`` starts every subflow on the
+system default and moves a subflow to BBR once it has *shown* random loss:
+packets lost while its smoothed RTT is close to the lowest it has seen, so
+no queue was full (:func:`random_loss`, :class:`RandomLossDetector`).  The
+move is one way: a path that drops packets at random keeps doing so.
 
 Linux lets an unprivileged process set an algorithm only if it is loaded
 (``tcp_available_congestion_control``) *and* listed in
@@ -20,7 +26,17 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-__all__ = ["AUTO", "PREFERRED", "Choice", "choose", "unusable"]
+from stripeproxy.core.kcontrol import TcpSample
+
+__all__ = [
+    "AUTO",
+    "PREFERRED",
+    "Choice",
+    "RandomLossDetector",
+    "choose",
+    "random_loss",
+    "unusable",
+]
 
 #: The ``--congestion`` value that picks for the user.
 AUTO = "auto"
@@ -34,11 +50,14 @@ class Choice:
 
     ``apply`` says whether subflow sockets must be set to ``algorithm``
     (False: the kernel's default is left alone, and ``algorithm`` names it).
+    ``upgrade`` is the algorithm a subflow moves to once it shows random
+    loss (None: it keeps ``algorithm``).
     """
 
     algorithm: str
     apply: bool
     reason: str
+    upgrade: str | None = None
 
     @property
     def log_line(self) -> str:
@@ -89,9 +108,11 @@ def choose(
         if why:
             return Choice(default, False, f"{default} (system default): {why}")
         return Choice(
-            PREFERRED,
-            True,
-            f"{PREFERRED} for subflows ({_usable(PREFERRED, allowed)})",
+            default,
+            False,
+            f"{default} for subflows (system default), {PREFERRED} for each one that "
+            f"shows random loss ({PREFERRED} {_usable(PREFERRED, allowed)})",
+            upgrade=PREFERRED,
         )
     if requested == default:
         return Choice(default, False, f"{default} for subflows (requested; system default)")
@@ -109,11 +130,51 @@ def choose(
     )
 
 
-def unusable(choice: Choice, default: str, error: str) -> Choice:
-    """The choice after setting ``choice.algorithm`` on a probe socket failed
-    (the lists said yes, the kernel said no: a namespace or security module)."""
-    return Choice(
-        default,
-        False,
-        f"{default} (system default): {choice.algorithm} could not be set ({error})",
-    )
+def unusable(name: str, default: str, error: str) -> Choice:
+    """The choice after setting ``name`` on a probe socket failed (the lists
+    said yes, the kernel said no: a namespace or security module)."""
+    return Choice(default, False, f"{default} (system default): {name} could not be set ({error})")
+
+
+#: A loss is random when the smoothed RTT was at most this factor of the
+#: lowest RTT, plus the slack: a full drop-tail queue adds far more (one of
+#: 1,000 packets is 60 ms at 200 Mbit/s), while scheduling noise on a LAN
+#: path adds a millisecond or so.
+RANDOM_LOSS_RTT_FACTOR = 1.25
+RANDOM_LOSS_RTT_SLACK_US = 2_000
+
+
+def random_loss(before: TcpSample, after: TcpSample) -> bool | None:
+    """Between two readings of one subflow: True if it lost packets with no
+    queue to explain it, False if it lost them behind a standing queue
+    (congestion), None if it lost none or the kernel gave no RTTs."""
+    if after.total_retrans <= before.total_retrans or not after.rtt_us or not after.min_rtt_us:
+        return None
+    limit = after.min_rtt_us * RANDOM_LOSS_RTT_FACTOR + RANDOM_LOSS_RTT_SLACK_US
+    return after.rtt_us <= limit
+
+
+class RandomLossDetector:
+    """Whether one subflow's path drops packets at random, from its readings.
+
+    One lossy interval can mislead (a slow start that overshoots fills the
+    queue within one round trip, faster than the smoothed RTT follows), so
+    random-loss intervals score +1 and congested ones -1 (never below 0),
+    and the verdict is given once the score reaches ``needed``.
+    """
+
+    def __init__(self, needed: int = 2) -> None:
+        self.needed = needed
+        self.score = 0
+        self.last: TcpSample | None = None
+
+    def feed(self, sample: TcpSample) -> bool:
+        """Take the next reading; True exactly once, when the verdict is reached."""
+        before, self.last = self.last, sample
+        if before is None or self.score >= self.needed:
+            return False
+        verdict = random_loss(before, sample)
+        if verdict is None:
+            return False
+        self.score = self.score + 1 if verdict else max(0, self.score - 1)
+        return self.score >= self.needed

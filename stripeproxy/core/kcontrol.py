@@ -63,7 +63,8 @@ class TcpSample:
 
     Counters are cumulative over the connection's life; ``app_limited`` is
     the kernel's flag on its last delivery-rate sample (the sender had
-    nothing to send, so the rate says nothing about the path).
+    nothing to send, so the rate says nothing about the path).  The RTTs
+    tell a standing queue (smoothed RTT well above the lowest) from none.
     """
 
     ca_state: int
@@ -73,6 +74,9 @@ class TcpSample:
     notsent_bytes: int
     delivery_rate: int
     app_limited: bool
+    # Smoothed and lowest RTT seen, microseconds (0: the kernel did not say).
+    rtt_us: int = 0
+    min_rtt_us: int = 0
 
 
 def loss_limited(before: TcpSample, after: TcpSample, algorithm: str | None = None) -> bool:

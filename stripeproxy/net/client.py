@@ -24,6 +24,7 @@ from stripeproxy.core.session import (
 )
 from stripeproxy.core.throttle import Throttle
 from stripeproxy.net.driver import LocalPeer, SessionDriver, Subflow
+from stripeproxy.net.loss_watch import LossWatch
 
 #: Seconds between two spare dials towards a fresh session while the server drains.
 SPARE_INTERVAL = 1.0
@@ -45,7 +46,10 @@ class ClientSettings:
     # On SIGTERM: seconds the streams in flight get to finish (as the server's).
     drain_timeout: float = 10.0
     handshake_timeout: float = 10.0
+    # Set on subflow sockets at connect (None: the system default), and what
+    # moves them to the upgrade on random loss (--congestion auto).
     congestion: str | None = None
+    loss_watch: LossWatch | None = None
     max_frame: int = wire.DEFAULT_MAX_BODY
 
 

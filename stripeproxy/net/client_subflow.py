@@ -34,6 +34,7 @@ class ClientSubflow(SubflowProtocol):
             settings.handshake_timeout,
             max_body=settings.max_frame,
             congestion=settings.congestion,
+            loss_watch=settings.loss_watch,
         )
         self.overlay = overlay
         # The --path this subflow leaves by ("": no --path); the views group by it.

@@ -3,8 +3,10 @@
 The taps call :func:`resolve` while building their service: it reads the
 kernel's lists from ``/proc``, lets :func:`stripeproxy.core.congestion.choose`
 decide, checks the decision on one probe socket, and logs one line.  The
-subflows then set the chosen algorithm without asking again, and report the
-algorithm their socket really uses (:func:`in_use`).
+subflows then set the chosen algorithm without asking again (and
+:mod:`stripeproxy.net.loss_watch` moves them to the upgrade when they show
+random loss), and report the algorithm their socket really uses
+(:func:`in_use`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ from twisted.logger import Logger
 
 from stripeproxy.core.congestion import Choice, choose, unusable
 
-__all__ = ["KernelCC", "decide", "in_use", "read_kernel", "resolve", "tcp_option", "try_set"]
+__all__ = [
+    "KernelCC",
+    "decide",
+    "in_use",
+    "read_kernel",
+    "resolve",
+    "set_algorithm",
+    "tcp_option",
+    "try_set",
+]
 
 _PROC = Path("/proc/sys/net/ipv4")
 _CAP_NET_ADMIN = 12
@@ -90,40 +101,46 @@ def in_use(sock: socket.socket) -> str | None:
 
 def try_set(name: str) -> str:
     """Set ``name`` on a fresh TCP socket: '' if it worked, else why not."""
-    option = getattr(socket, "TCP_CONGESTION", None)
-    if option is None:
-        return "this platform has no TCP_CONGESTION"
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, option, name.encode())
-    except OSError as e:
-        return e.strerror or str(e)
-    return ""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return set_algorithm(sock, name)
 
 
 def resolve(
     requested: str | None,
     kernel: Callable[[], KernelCC] = read_kernel,
     probe: Callable[[str], str] = try_set,
-) -> str | None:
-    """The algorithm subflow sockets must be set to (None: leave the system
-    default), after logging once which one they use and why.
+) -> Choice | None:
+    """What the subflow sockets use (:class:`Choice`: set at connect or not,
+    moved to on random loss or not), after logging once which and why.
 
     ``None`` or ``""`` as ``requested`` keeps the system default silently
-    (a library caller that never asked).
+    (a library caller that never asked) and returns None.
     """
     if not requested:
         return None
     choice = decide(requested, kernel(), probe)
     log.info("{line}", line=choice.log_line)
-    return choice.algorithm if choice.apply else None
+    return choice
 
 
 def decide(requested: str, facts: KernelCC, probe: Callable[[str], str] = try_set) -> Choice:
-    """:func:`choose`, checked on a probe socket when it sets an algorithm."""
+    """:func:`choose`, checked on a probe socket for what it would set."""
     choice = choose(requested, facts.available, facts.allowed, facts.privileged, facts.default)
-    if choice.apply:
-        error = probe(choice.algorithm)
+    for name in (choice.algorithm if choice.apply else None, choice.upgrade):
+        error = probe(name) if name else ""
         if error:
-            return unusable(choice, facts.default, error)
+            return unusable(name or "", facts.default, error)
     return choice
+
+
+def set_algorithm(sock: socket.socket, name: str) -> str:
+    """Switch a connected socket to ``name`` (Linux re-initialises its
+    congestion state in place): '' if it worked, else why not."""
+    option = getattr(socket, "TCP_CONGESTION", None)
+    if option is None:
+        return "this platform has no TCP_CONGESTION"
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, name.encode())
+    except OSError as e:
+        return e.strerror or str(e)
+    return ""

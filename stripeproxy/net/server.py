@@ -24,6 +24,7 @@ from stripeproxy.core.session import (
 )
 from stripeproxy.net.access import TARGET_LIMIT, StreamRecords, stream_debug, stream_log
 from stripeproxy.net.driver import SessionDriver
+from stripeproxy.net.loss_watch import LossWatch
 from stripeproxy.net.target import (
     TargetDenied,
     TargetProtocol,
@@ -44,7 +45,10 @@ class ServerSettings:
     max_sessions: int = 256
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0
+    # Set on subflow sockets at connect (None: the system default), and what
+    # moves them to the upgrade on random loss (--congestion auto).
     congestion: str | None = None
+    loss_watch: LossWatch | None = None
     max_frame: int = wire.DEFAULT_MAX_BODY
     max_handshakes: int = 256
     # Of those, how many one address may hold (0: no per-address share, as

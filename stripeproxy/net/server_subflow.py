@@ -34,6 +34,7 @@ class ServerSubflow(SubflowProtocol):
             settings.handshake_timeout,
             max_body=settings.max_frame,
             congestion=settings.congestion,
+            loss_watch=settings.loss_watch,
         )
         self.settings = settings
         self.registry = registry

@@ -22,6 +22,7 @@ from stripeproxy.core import wire
 from stripeproxy.core.escape import printable
 from stripeproxy.net.congestion import in_use
 from stripeproxy.net.driver import SessionDriver
+from stripeproxy.net.loss_watch import LossWatch
 
 # Keep the kernel's unsent backlog per subflow small, so the scheduler, not
 # a deep socket buffer, decides where the next chunk goes (DESIGN.md).
@@ -75,6 +76,7 @@ class SubflowProtocol(Protocol):
         handshake_timeout: float,
         max_body: int = wire.DEFAULT_MAX_BODY,
         congestion: str | None = None,
+        loss_watch: LossWatch | None = None,
     ) -> None:
         self.clock = clock
         self.crc = crc
@@ -83,6 +85,8 @@ class SubflowProtocol(Protocol):
         self.max_body = max_body
         self.handshake_timeout = handshake_timeout
         self.congestion = congestion
+        self.loss_watch = loss_watch
+        self._sock: socket.socket | None = None
         # The algorithm the socket really uses (None: unknown, or not TCP).
         self.cc: str | None = None
         self.driver: SessionDriver | None = None
@@ -103,6 +107,10 @@ class SubflowProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.cc = tune_socket(self.transport, self.congestion)
+        if self.loss_watch is not None:
+            self._sock = find_socket(self.transport)
+            if self._sock is not None:
+                self.loss_watch.watch(self._sock, self.peer, self._cc_moved)
         self._handshake_timer = self.clock.callLater(
             self.handshake_timeout, self._handshake_expired
         )
@@ -181,8 +189,13 @@ class SubflowProtocol(Protocol):
         if transport is not None:
             transport.abortConnection()
 
+    def _cc_moved(self, algorithm: str | None) -> None:
+        self.cc = algorithm
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._gone = True
+        if self.loss_watch is not None and self._sock is not None:
+            self.loss_watch.forget(self._sock)
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
         self._handshake_timer = None

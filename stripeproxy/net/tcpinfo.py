@@ -30,9 +30,11 @@ _APP_LIMITED = 7  # tcpi_delivery_rate_app_limited: bit 0 of the byte at 7
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _UNACKED = 24
+_RTT = 68
 _SND_CWND = 80
 _TOTAL_RETRANS = 100
 _NOTSENT_BYTES = 144
+_MIN_RTT = 148
 _DELIVERY_RATE = 160
 #: Bytes a kernel must return for every field read here (Linux 4.9 and later).
 SIZE = _DELIVERY_RATE + _U64.size
@@ -52,6 +54,8 @@ def parse(raw: bytes) -> TcpSample | None:
         notsent_bytes=_U32.unpack_from(raw, _NOTSENT_BYTES)[0],
         delivery_rate=_U64.unpack_from(raw, _DELIVERY_RATE)[0],
         app_limited=bool(raw[_APP_LIMITED] & 1),
+        rtt_us=_U32.unpack_from(raw, _RTT)[0],
+        min_rtt_us=_U32.unpack_from(raw, _MIN_RTT)[0],
     )
 
 
