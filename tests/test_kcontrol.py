@@ -70,9 +70,11 @@ def test_climbs_on_a_concave_curve_and_settles_near_its_knee() -> None:
     assert ctl.target in (9, 10)
     # It went up by probes that were kept, and the one past the knee came back.
     ups = [d for d in decisions if "try" in d.reason]
-    assert ups[0].target == 7
+    assert [d.target for d in ups[:3]] == [7, 9, 16]  # kept additions double the step
     assert any("back to" in d.reason for d in decisions)
-    assert max(d.target for d in decisions) <= 13
+    # The doubled step past the knee is taken back at once; no later probe goes beyond it.
+    assert decisions[3] == KDecision(9, "goodput +0% with 16: back to 9")
+    assert max(d.target for d in decisions[4:]) <= 13
 
 
 def test_a_kept_probe_changes_no_count_but_says_why() -> None:
@@ -87,8 +89,34 @@ def test_a_kept_probe_is_followed_by_the_next_at_once() -> None:
     decisions, _ = drive(ctl, saturating, 10)
     assert decisions == [
         KDecision(7, "try 7: loss-limited at 62.4 Mbit/s"),
-        KDecision(8, "goodput +17% with 7; try 8: loss-limited at 72.8 Mbit/s"),
+        KDecision(9, "goodput +17% with 7; try 9: loss-limited at 72.8 Mbit/s"),
     ]
+
+
+def linear(k: int, _n: int) -> float:
+    """Lossy CUBIC far below the link: every subflow adds the same."""
+    return k * 0.2 * MB
+
+
+def test_a_lossy_path_far_below_the_link_is_climbed_in_doubling_steps() -> None:
+    """From the minimum to the maximum in four probes, not fourteen."""
+    ctl = KController(2, 16, 2)
+    decisions, _ = drive(ctl, linear, 25)
+    assert [d.target for d in decisions] == [3, 5, 9, 16]
+    assert ctl.target == 16
+
+
+def test_a_doubled_step_must_bring_half_of_its_proportional_gain() -> None:
+    """2 -> 3 pays (+50 %); 3 -> 5 would bring +67 % if the new subflows carried
+    as much as the old: +20 % is above the margin but not half of that."""
+
+    def bends(k: int, _n: int) -> float:
+        return {2: 1.0, 3: 1.5, 5: 1.8}.get(k, 1.8) * MB
+
+    ctl = KController(2, 16, 2)
+    decisions, _ = drive(ctl, bends, 15)
+    assert [d.target for d in decisions[:3]] == [3, 5, 3]
+    assert decisions[2].reason == "goodput +20% with 5: back to 3"
 
 
 def test_flat_curve_loss_limited_goes_no_higher_and_walks_down() -> None:

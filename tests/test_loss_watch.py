@@ -231,3 +231,29 @@ def test_a_connected_socket_moves_in_place_and_keeps_its_data() -> None:
                 got += chunk
             assert got == b"before after"
             assert in_use(a) == "bbr"
+
+
+def test_moves_are_logged_once_a_minute_with_a_count() -> None:
+    clock, rec = Clock(), Recorder()
+    w = watch_with(clock, rec)
+    socks = [socket.socket() for _ in range(4)]
+    lines, observer = capture()
+    try:
+        for i, sock in enumerate(socks[:3]):
+            rec.readings[sock] = [reading(0, 80), reading(2, 81), reading(4, 80)]
+            w.watch(sock, f"s{i}", lambda cc: None)
+        for _ in range(3):
+            clock.advance(0.5)
+        clock.advance(60)
+        rec.readings[socks[3]] = [reading(0, 80), reading(2, 81), reading(4, 80)]
+        w.watch(socks[3], "s3", lambda cc: None)
+        for _ in range(3):
+            clock.advance(0.5)
+    finally:
+        globalLogPublisher.removeObserver(observer)  # type: ignore[arg-type]
+        for sock in socks:
+            sock.close()
+    assert w.switches == 4
+    assert len(lines) == 2
+    assert "subflow s0 moved" in lines[0] and "more moved" not in lines[0]
+    assert "subflow s3 moved" in lines[1] and "(2 more moved since the last line)" in lines[1]

@@ -169,7 +169,11 @@ class KController:
       a probe that gained more than ``margin`` but not enough to be sure
       measures on, up to ``hold_max`` seconds, before it is judged;
     - ``step_fraction``: a probe adds ``max(1, target * step_fraction)``
-      subflows, so the step, like the gain it must show, scales with K;
+      subflows, so the step, like the gain it must show, scales with K; each
+      addition kept in a row doubles the next one (as slow start does: a
+      lossy CUBIC path that gained from 2 to 3 subflows will likely gain
+      from 3 to 5, and measuring one subflow at a time would take minutes
+      to reach 16), and a probe taken back ends the run;
     - ``backoff`` / ``backoff_max``: after a failed probe, the next one
       waits ``backoff``, doubled after every further failure up to
       ``backoff_max``; a kept probe resets it;
@@ -234,6 +238,7 @@ class KController:
         self._next_probe = -math.inf
         self._wait = backoff
         self._idle_since: float | None = None
+        self._streak = 0  # additions kept in a row
         self._reason = "start"
 
     @property
@@ -264,7 +269,11 @@ class KController:
             self._window = _Window(now)
         if not busy:
             return self._idle(now)
-        self._idle_since = None
+        if self._idle_since is not None:
+            # Busy again: what was measured before the pause is stale, and the
+            # new transfer's first second (slow start) must settle first.
+            self._idle_since = None
+            self._window = _Window(now)
         window = self._window
         if now - window.opened < self.settle:
             return None
@@ -299,6 +308,7 @@ class KController:
         at = _mbit(self._baseline.level)
         if (self._down_next or not limited) and self._target > self.k_min:
             self._down_next = False
+            self._streak = 0
             target = max(self.k_min, self._target - step)
             why = (
                 f"try {target}: not loss-limited at {at}"
@@ -306,7 +316,7 @@ class KController:
                 else f"try {target}: does {self._target} pay? ({at})"
             )
         elif limited and self._target < self.k_max:
-            target = min(self.k_max, self._target + step)
+            target = min(self.k_max, self._target + (step << min(self._streak, 4)))
             why = f"try {target}: loss-limited at {at}"
         else:
             return None
@@ -329,18 +339,30 @@ class KController:
         if self._target < self._probe_from:
             if gain > -self.margin:
                 return self._keep(now, measured, window.mostly_limited, change)
-        elif gain >= self.margin and measured.level > base.level:
+        elif gain >= self._needed() and measured.level > base.level:
             if gain < noise and window.held(now) < self.hold_max:
                 return None  # promising but not yet distinguishable from noise
             if gain >= noise:
                 return self._keep(now, measured, window.mostly_limited, change)
         return self._revert(now, f"{change} with {self._target}")
 
+    def _needed(self) -> float:
+        """The gain an addition must show: ``margin``, and for a doubled step
+        (one that follows kept additions) half of what the added subflows
+        would bring if each carried as much as the others: a large step
+        that gains little is more likely noise than a path that still grows."""
+        assert self._probe_from is not None
+        if self._streak == 0:
+            return self.margin
+        added = self._target - self._probe_from
+        return max(self.margin, 0.5 * added / self._probe_from)
+
     def _keep(self, now: float, measured: _Measure, limited: bool, change: str) -> KDecision | None:
         """The probe's count stays and its measurement is the new baseline; the
         search goes on at once in the same direction while the reason for it
         holds (loss-limited: add; not: remove)."""
         added = self._probe_from is not None and self._target > self._probe_from
+        self._streak = self._streak + 1 if added else 0
         self._probe_from = None
         self._baseline = measured
         self._window = _Window(now)
@@ -356,6 +378,7 @@ class KController:
         assert self._probe_from is not None
         back = self._probe_from
         self._down_next = self._target > back
+        self._streak = 0
         self._probe_from = None
         self._hold_off(now)
         return self._change(now, back, f"{why}: back to {back}")
@@ -378,6 +401,7 @@ class KController:
         self._baseline = None
         self._wait = self.backoff
         self._next_probe = -math.inf
+        self._streak = 0
         if self._target == self.k_min:
             return None
         return self._change(now, self.k_min, f"idle {now - self._idle_since:.0f} s")

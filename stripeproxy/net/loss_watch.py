@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from stripeproxy.core.congestion import Choice, RandomLossDetector
 from stripeproxy.core.escape import printable
 from stripeproxy.core.kcontrol import TcpSample
+from stripeproxy.core.throttle import Throttle
 from stripeproxy.net import tcpinfo
 from stripeproxy.net.congestion import in_use, set_algorithm
 
@@ -64,6 +65,8 @@ class LossWatch:
         self._watched: dict[socket.socket, _Watched] = {}
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
+        self._clock = clock
+        self._throttle = Throttle()
         self.switches = 0
 
     def watch(self, sock: socket.socket, name: str, switched: Callable[[str | None], None]) -> None:
@@ -97,15 +100,18 @@ class LossWatch:
                 continue
             self.switches += 1
             w.switched(self._algorithm(sock))
-            # One line for the first move; later ones are the same story.
-            emit = self.log.info if self.switches == 1 else self.log.debug
-            emit(
+            # A line a minute at most: a busy server moves many subflows.
+            others = self._throttle.due(self._clock.seconds())
+            if others is None:
+                continue
+            self.log.info(
                 "congestion control: subflow {name} moved to {upgrade}: it lost packets "
-                "at {rtt:.1f} ms RTT (lowest {min_rtt:.1f} ms), so no queue was full",
+                "at {rtt:.1f} ms RTT (lowest {min_rtt:.1f} ms), so no queue was full{more}",
                 name=printable(w.name),
                 upgrade=self.upgrade,
                 rtt=sample.rtt_us / 1000,
                 min_rtt=sample.min_rtt_us / 1000,
+                more=f" ({others} more moved since the last line)" if others else "",
             )
 
 
