@@ -202,3 +202,21 @@ def test_a_download_is_acknowledged_by_bytes_then_by_the_timer() -> None:
     one_timer_at_the_deadline(clock, driver)
     driver.close("test over")
     assert clock.getDelayedCalls() == []
+
+
+def test_reorder_waits_reach_the_monitor_per_subflow() -> None:
+    """A chunk that arrives on subflow 2 ahead of subflow 1's waits in the
+    reorder buffer: subflow_info charges the wait to 2 (it waited) and to 1
+    (it held the chunk up), as the dashboard and metrics show them."""
+    clock = Clock()
+    driver, _subflows, local, stream_id = opened_client(clock, None, None)
+    chunk = 16 * KiB
+    driver.frames(2, [wire.Data(stream_id, chunk, b"y" * chunk)])
+    clock.advance(0.040)
+    driver.frames(1, [wire.Data(stream_id, 0, b"x" * chunk)])
+    info = {row.sid: row for row in driver.subflow_info()}
+    assert info[2].reorder_waits == 1 and abs(info[2].reorder_wait_s - 0.040) < 1e-9
+    assert abs(info[1].blocked_wait_s - 0.040) < 1e-9
+    assert (info[1].reorder_waits, info[2].blocked_wait_s) == (0, 0.0)
+    assert b"".join(c[1] for c in local.calls if c[0] == "write") == b"x" * chunk + b"y" * chunk
+    driver.close("test over")

@@ -29,6 +29,9 @@ class Driver:
 
     def __init__(self) -> None:
         self.sent = {1: 0, 2: 0, 3: 0}
+        # sid -> (chunks that waited for another subflow's, seconds they waited,
+        # seconds others waited for this one's)
+        self.waits = {1: (0, 0.0, 0.0), 2: (0, 0.0, 0.0), 3: (0, 0.0, 0.0)}
 
     def counters(self) -> dict[str, int]:
         names = ("tx_real", "tx_dummy", "rx_real", "rx_dummy", "retransmitted", "reinjected")
@@ -47,6 +50,9 @@ class Driver:
                 0,
                 {"tx_real": self.sent[sid], "tx_dummy": 0, "rx_real": 0, "rx_dummy": 0},
                 retx,
+                reorder_waits=self.waits[sid][0],
+                reorder_wait_s=self.waits[sid][1],
+                blocked_wait_s=self.waits[sid][2],
             )
             for sid, rtt, retx in ((1, 0.020, 0), (2, 0.050, 4096), (3, 0.030, 0))
         ]
@@ -90,11 +96,13 @@ def _monitor() -> tuple[Monitor, Driver, Clock]:
 
 
 def _sampled() -> tuple[Monitor, Snapshot]:
-    """The monitor after one second in which wifi's subflow 1 sent 3 MiB and lte's 1 MiB."""
+    """The monitor after one second in which wifi's subflow 1 sent 3 MiB and lte's 1 MiB,
+    and 10 chunks of wifi's subflow 3 waited 50 ms each for lte's late ones."""
     monitor, driver, clock = _monitor()
     monitor.sample()
     clock.advance(1.0)
     driver.sent = {1: 3 * MiB, 2: 1 * MiB, 3: 0}
+    driver.waits = {1: (0, 0.0, 0.0), 2: (0, 0.0, 0.5), 3: (10, 0.5, 0.0)}
     return monitor, monitor.sample()
 
 
@@ -108,6 +116,12 @@ def test_the_monitor_tags_subflows_and_sums_paths() -> None:
     assert wifi.rates["tx_real"] > 0 and lte.rates["tx_real"] > 0
     assert round(wifi.share, 2) == 0.75 and round(lte.share, 2) == 0.25
     assert (wifi.tcp_retransmits, wifi.k_reason) == (7, "goodput +18% with 2")
+    # Head-of-line: wifi's chunks waited 50 ms on average; none of lte's waited.
+    sf3 = snap.subflows[2]
+    assert sf3.reorder_ms is not None and round(sf3.reorder_ms, 3) == 50.0
+    assert snap.subflows[0].reorder_ms is None
+    assert wifi.reorder_ms is not None and round(wifi.reorder_ms, 3) == 50.0
+    assert lte.reorder_ms is None
 
 
 def _snapshot() -> Snapshot:
@@ -123,9 +137,9 @@ def test_the_dashboard_groups_subflows_by_path() -> None:
     wifi = next(r for r in rows if r[1] == "wifi")
     lte = next(r for r in rows if r[1] == "lte")
     assert wifi[2:4] == ["up", "2/2 auto"] and wifi[6] == "75%" and wifi[7] == "20.0"
-    assert wifi[9:] == ["7", "wlan0 192.168.1.20", "K: goodput +18% with 2", ""]
+    assert wifi[9:] == ["7", "50.0", "wlan0 192.168.1.20", "K: goodput +18% with 2", ""]
     assert lte[2:4] == ["down", "1/2"] and lte[6] == "25%" and lte[8] == "4.0 KiB"
-    assert lte[11] == "interface wwan0 has no IPv4 address"
+    assert lte[10] == "-" and lte[12] == "interface wwan0 has no IPv4 address"
     # The subflow table: a path column, rows grouped by it.
     header = next(line for line in lines if "RTT ms" in line and "peer" in line)
     assert [c.strip() for c in header.split("┃")][2] == "path"
@@ -177,3 +191,12 @@ def test_metrics_carry_the_path() -> None:
     assert samples[("stripeproxy_path_k_reason", reason)] == 1
     lte = (("direction", "tx"), ("path", "lte"), ("role", "client"))
     assert samples[("stripeproxy_path_real_bytes_per_second", lte)] > 0
+    waits = {
+        (name, dict(labels)["subflow"]): value
+        for (name, labels), value in samples.items()
+        if name.startswith("stripeproxy_subflow_reorder")
+    }
+    assert waits[("stripeproxy_subflow_reorder_waits_total", "3")] == 10
+    assert waits[("stripeproxy_subflow_reorder_wait_seconds_total", "3")] == 0.5
+    assert waits[("stripeproxy_subflow_reorder_blocking_seconds_total", "2")] == 0.5
+    assert waits[("stripeproxy_subflow_reorder_wait_seconds_total", "2")] == 0.0

@@ -83,6 +83,12 @@ class SubflowInfo:
     totals: dict[str, int]  # cumulative bytes: tx_real, tx_dummy, rx_real, rx_dummy
     retransmitted: int
     cc: str | None = None  # the socket's congestion control (None: unknown)
+    # Chunks it brought that waited in our reorder buffer for another
+    # subflow's earlier chunk (head-of-line) and their waits summed up, and
+    # the seconds other chunks waited for *its* late ones (cumulative).
+    reorder_waits: int = 0
+    reorder_wait_s: float = 0.0
+    blocked_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -182,10 +188,12 @@ class SessionDriver:
 
     def subflow_info(self) -> list[SubflowInfo]:
         session = self.session
+        waits = session.reorder_waits()
         rows = []
         for sid in session.subflow_ids:
             sf = session.subflow(sid)
             subflow = self.subflows.get(sid)
+            w = waits.get(sid, {})
             rows.append(
                 SubflowInfo(
                     sid=sid,
@@ -202,6 +210,9 @@ class SessionDriver:
                     retransmitted=sf.tx_retransmit,
                     # Fakes in tests and testing/ need not know it.
                     cc=getattr(subflow, "cc", None),
+                    reorder_waits=int(w.get("waited_chunks", 0)),
+                    reorder_wait_s=w.get("waited_s", 0.0),
+                    blocked_wait_s=w.get("blocked_s", 0.0),
                 )
             )
         return rows

@@ -81,6 +81,8 @@ _SUBFLOW_COLUMNS: list[_Column[SubflowRow]] = [
     _Column("RX dummy", 2, lambda r: human_rate(r.rates["rx_dummy"]), right=True),
     _Column("retx", 4, lambda r: human_bytes(r.retransmitted), right=True),
     _Column("in flight", 5, lambda r: human_bytes(r.inflight), right=True),
+    # Mean reorder-buffer wait of its chunks that waited (head-of-line), 10 s.
+    _Column("reorder ms", 2, lambda r: _ms(r.reorder_ms), right=True),
     # The socket's congestion control: worth a glance, first to go after the peer.
     _Column("cc", 1, lambda r: r.cc or "-"),
 ]
@@ -94,6 +96,10 @@ def _subflow_columns(snapshot: Snapshot) -> list[_Column[SubflowRow]]:
     if not any(row.path for row in snapshot.subflows):
         return _SUBFLOW_COLUMNS
     return [_SUBFLOW_COLUMNS[0], _PATH_COLUMN, *_SUBFLOW_COLUMNS[1:]]
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.1f}" if value is not None else "-"
 
 
 def _k_cell(row: PathRow) -> str:
@@ -119,6 +125,7 @@ _PATH_COLUMNS: list[_Column[PathRow]] = [
     # Loss signals: payload the overlay sent again, segments TCP re-sent.
     _Column("re-sent", 4, lambda p: human_bytes(p.retransmitted), right=True),
     _Column("TCP retx", 3, lambda p: str(p.tcp_retransmits), right=True),
+    _Column("reorder ms", 3, lambda p: _ms(p.reorder_ms), right=True),
     _Column("source", 2, lambda p: " ".join(x for x in (p.source, p.address) if x) or "-"),
     _Column("note", 1, _path_note, flexible=True),
 ]

@@ -57,10 +57,29 @@ class SnapshotCollector(Collector):
             "Unacknowledged bytes sent on a subflow.",
             labels=_SUBFLOW_LABELS,
         )
+        waits = CounterMetricFamily(
+            "stripeproxy_subflow_reorder_waits",
+            "Chunks a subflow brought that waited in this end's reorder buffer for "
+            "an earlier chunk of another subflow (head-of-line).",
+            labels=_SUBFLOW_LABELS,
+        )
+        waited = CounterMetricFamily(
+            "stripeproxy_subflow_reorder_wait_seconds",
+            "Seconds those chunks waited, summed.",
+            labels=_SUBFLOW_LABELS,
+        )
+        blocked = CounterMetricFamily(
+            "stripeproxy_subflow_reorder_blocking_seconds",
+            "Seconds other subflows' chunks waited for this subflow's late ones, summed.",
+            labels=_SUBFLOW_LABELS,
+        )
         for row in snap.subflows:
             # cc: the socket's congestion control, path: the client's uplink
             # (--path; "" without), so a dashboard can split by either.
             ids = [role, row.session, str(row.sid), row.cc, row.path]
+            waits.add_metric(ids, row.reorder_waits)
+            waited.add_metric(ids, row.reorder_wait_s)
+            blocked.add_metric(ids, row.blocked_wait_s)
             for name, value in row.totals.items():
                 direction, kind = name.split("_")
                 per_subflow.add_metric([*ids, direction, kind], value)
@@ -70,6 +89,9 @@ class SnapshotCollector(Collector):
         yield per_subflow
         yield rtt
         yield inflight
+        yield waits
+        yield waited
+        yield blocked
         yield from _dial_metrics(snap)
         yield from _path_metrics(snap)
         yield CounterMetricFamily(

@@ -60,6 +60,14 @@ class SubflowRow:
     retransmitted: int
     cc: str = ""  # the socket's congestion control ('': unknown)
     path: str = ""  # the client's --path it leaves by ('': none, or the server)
+    # Head-of-line cost at this end: chunks it brought that waited for an
+    # earlier one of another subflow (count and seconds, cumulative), and the
+    # window's mean wait of those (None: none waited in the window).
+    reorder_waits: int = 0
+    reorder_wait_s: float = 0.0
+    blocked_wait_s: float = 0.0
+    reorder_ms: float | None = None
+    reorder_rate: float = 0.0  # waiting chunks per second over the window
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,17 @@ class PathRow:
     rtt_ms: float | None  # the lowest smoothed RTT among its subflows
     retransmitted: int
     tcp_retransmits: int
+    # Mean reorder-buffer wait of its chunks that waited, over the window
+    # (None: none waited): the fast path waiting on a slow one shows here.
+    reorder_ms: float | None = None
+
+
+def _mean_reorder_ms(rows: list[SubflowRow]) -> float | None:
+    """The rows' mean wait, weighted by how many of their chunks waited."""
+    count = sum(r.reorder_rate for r in rows if r.reorder_ms is not None)
+    if count <= 0:
+        return None
+    return sum(r.reorder_rate * (r.reorder_ms or 0.0) for r in rows) / count
 
 
 def path_rows(paths: Iterable[PathStatus], subflows: list[SubflowRow]) -> tuple[PathRow, ...]:
@@ -126,6 +145,7 @@ def path_rows(paths: Iterable[PathStatus], subflows: list[SubflowRow]) -> tuple[
             rtt_ms=rtt,
             retransmitted=sum(r.retransmitted for r in rows),
             tcp_retransmits=path.tcp_retransmits,
+            reorder_ms=_mean_reorder_ms(rows),
         )
         for path, rows, rates, rtt in grouped
     )
@@ -215,6 +235,10 @@ class Monitor(Service):
                     name: book.sample(now, ("sf", label, sf.sid, name), value).rate()
                     for name, value in sf.totals.items()
                 }
+                waiting = book.sample(now, ("sf", label, sf.sid, "waits"), sf.reorder_waits)
+                waited_us = book.sample(
+                    now, ("sf", label, sf.sid, "wait_us"), round(sf.reorder_wait_s * 1e6)
+                )
                 subflow_rows.append(
                     SubflowRow(
                         session=label,
@@ -228,6 +252,13 @@ class Monitor(Service):
                         retransmitted=sf.retransmitted,
                         cc=printable(sf.cc or ""),
                         path=path_of.get((label, sf.sid), ""),
+                        reorder_waits=sf.reorder_waits,
+                        reorder_wait_s=sf.reorder_wait_s,
+                        blocked_wait_s=sf.blocked_wait_s,
+                        reorder_ms=(
+                            waited_us.rate() / waiting.rate() / 1000 if waiting.rate() > 0 else None
+                        ),
+                        reorder_rate=waiting.rate(),
                     )
                 )
             for st in driver.stream_info():
