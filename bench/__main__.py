@@ -203,9 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     now = datetime.datetime.now()
     out = a.out or default_out(now)
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
-    # What was run, without the path of this checkout (meaningless elsewhere).
-    options["argv"] = ["python -m bench", *(sys.argv[1:] if argv is None else argv)]
+    # What was run, without the path of this checkout or of the emulator
+    # (meaningless elsewhere, and not to be published): the emulator's
+    # directory is recorded by its name only.
+    local = {str(a.wanem): f".../{a.wanem.name}"} if a.wanem is not None else {}
+    options = {
+        k: (local.get(str(v), str(v)) if isinstance(v, Path) else v) for k, v in vars(a).items()
+    }
+    args = sys.argv[1:] if argv is None else argv
+    options["argv"] = ["python -m bench", *(local.get(x, x) for x in args)]
     writer = Writer(out, machine_info(), options)
     workdir = Path(tempfile.mkdtemp(prefix="stripe-bench-"))
     log.info("work directory %s, results to %s", workdir, out)

@@ -459,6 +459,21 @@ def test_bench_skips_wan_and_says_why_from_the_command_line(tmp_path: Path) -> N
     assert f"**skipped:** {sc['skipped']}" in r.stdout
 
 
+def test_the_report_names_the_emulator_without_its_local_path(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    emulator = tmp_path / "somewhere" / "wanem"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = [sys.executable, "-m", "bench", "--scenarios", "wan", "--wanem", str(emulator)]
+    r = subprocess.run(
+        [*argv, "--out", "bench.json"], capture_output=True, text=True, env=env, cwd=tmp_path,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    options = json.loads(out.read_text())["options"]
+    assert options["wanem"] == ".../wanem"
+    assert ".../wanem" in options["argv"] and "somewhere" not in json.dumps(options)
+
+
 def test_fairness_is_skipped_with_the_how_to_and_returns_its_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
