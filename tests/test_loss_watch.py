@@ -13,7 +13,7 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from stripeproxy.core.congestion import (
     RANDOM_LOSS_RTT_SLACK_US,
     Choice,
-    RandomLossDetector,
+    RandomLossVote,
     random_loss,
 )
 from stripeproxy.core.kcontrol import TcpSample
@@ -56,30 +56,30 @@ def test_random_loss(after: TcpSample, expected: bool | None) -> None:
     assert random_loss(reading(10, 80), after) is expected
 
 
-def test_detector_needs_two_random_intervals_more_than_congested_ones() -> None:
-    d = RandomLossDetector()
-    assert d.feed(reading(0, 80)) is False  # the first reading is only a baseline
-    assert d.feed(reading(3, 81)) is False  # one random-loss interval: +1
-    assert d.feed(reading(6, 150)) is False  # congested: -1
-    assert d.feed(reading(6, 81)) is False  # no loss: no change
-    assert d.feed(reading(9, 82)) is False  # +1
-    assert d.feed(reading(12, 81)) is True  # +1: the verdict
-    assert d.feed(reading(15, 81)) is False  # given once only
+def test_a_route_needs_two_random_rounds_more_than_congested_ones() -> None:
+    v = RandomLossVote()
+    assert v.round([None, None]) is False  # no loss: no change
+    assert v.round([True, None]) is False  # one random-loss round: +1
+    assert v.round([False, False, True]) is False  # mostly congested: -1
+    assert v.round([True, False]) is False  # a tie: no change
+    assert v.round([True]) is False  # +1
+    assert v.round([True, True]) is True  # +1: the verdict
+    assert v.decided and v.round([True]) is False  # given once only
 
 
-def test_detector_on_a_congested_path_never_decides() -> None:
-    """A slow start that overshoots (one loss burst at a low smoothed RTT)
-    followed by losses behind a full queue: no move."""
-    d = RandomLossDetector()
-    feed = [reading(0, 40, 40), reading(30, 45, 40)]
-    feed += [reading(30 + 5 * i, 100, 40) for i in range(1, 40)]
-    assert not any(d.feed(r) for r in feed)
+def test_a_congested_route_never_decides() -> None:
+    """A slow start that overshoots (one round of losses at a low smoothed
+    RTT) followed by losses behind a full queue: no move."""
+    v = RandomLossVote()
+    rounds = [[True, True, None], *[[False, False, None]] * 40]
+    assert not any(v.round(r) for r in rounds)
 
 
 class Recorder:
     """Stand-ins for TCP_INFO, setsockopt and the algorithm in use."""
 
     def __init__(self, refuse: str = "") -> None:
+        self.routes: dict[socket.socket, tuple[str, str]] = {}
         self.readings: dict[socket.socket, list[TcpSample]] = {}
         self.reads = 0
         self.set: list[tuple[socket.socket, str]] = []
@@ -94,12 +94,23 @@ class Recorder:
         self.set.append((sock, name))
         return self.refuse
 
+    def route(self, sock: socket.socket) -> tuple[str, str]:
+        return self.routes.get(sock, ("192.0.2.1", "198.51.100.1"))
+
     def algorithm(self, sock: socket.socket) -> str:
         return "bbr" if any(s is sock for s, _ in self.set) and not self.refuse else "cubic"
 
 
 def watch_with(clock: Clock, rec: Recorder) -> LossWatch:
-    return LossWatch(clock, "bbr", 0.5, read=rec.read, switch=rec.switch, algorithm=rec.algorithm)
+    return LossWatch(
+        clock,
+        "bbr",
+        0.5,
+        read=rec.read,
+        switch=rec.switch,
+        algorithm=rec.algorithm,
+        route=rec.route,
+    )
 
 
 def capture() -> tuple[list[str], object]:
@@ -117,6 +128,7 @@ def test_only_the_lossy_subflow_moves_and_the_timer_stops_when_none_is_left() ->
     clock, rec = Clock(), Recorder()
     w = watch_with(clock, rec)
     lossy, clean = socket.socket(), socket.socket()
+    rec.routes = {lossy: ("10.0.0.9", "10.0.0.1"), clean: ("10.0.0.9", "10.0.0.2")}
     moved: dict[str, str | None] = {}
     rec.readings[lossy] = [reading(0, 80), reading(2, 81), reading(4, 80)]
     rec.readings[clean] = [reading(0, 40, 40)] + [reading(5 * i, 110, 40) for i in range(1, 9)]
@@ -257,3 +269,32 @@ def test_moves_are_logged_once_a_minute_with_a_count() -> None:
     assert len(lines) == 2
     assert "subflow s0 moved" in lines[0] and "more moved" not in lines[0]
     assert "subflow s3 moved" in lines[1] and "(2 more moved since the last line)" in lines[1]
+    assert "its route is known to lose packets at random" in lines[1]
+
+
+def test_a_route_moves_together_and_its_later_subflows_start_moved() -> None:
+    """Two subflows of one path: one sees random loss, the other (given little
+    data) none; both move.  A re-dial on that route moves at once; a subflow
+    of another route is judged on its own."""
+    clock, rec = Clock(), Recorder()
+    w = watch_with(clock, rec)
+    busy, quiet, again, other = (socket.socket() for _ in range(4))
+    lte = ("10.64.3.2", "203.0.113.7")
+    rec.routes = {busy: lte, quiet: lte, again: lte, other: ("192.168.1.20", "203.0.113.7")}
+    rec.readings[busy] = [reading(0, 80), reading(2, 81), reading(4, 80)]
+    rec.readings[quiet] = [reading(0, 80)] * 3
+    rec.readings[other] = [reading(0, 20, 20)] * 6
+    try:
+        for sock in (busy, quiet, other):
+            w.watch(sock, "x", lambda cc: None)
+        for _ in range(3):
+            clock.advance(0.5)
+        assert {s for s, _ in rec.set} == {busy, quiet}
+        w.forget(busy)
+        w.watch(again, "re-dial", lambda cc: None)
+        assert [s for s, _ in rec.set][-1] is again
+        clock.advance(0.5)
+        assert other not in {s for s, _ in rec.set} and w.switches == 3
+    finally:
+        for sock in (busy, quiet, again, other):
+            sock.close()

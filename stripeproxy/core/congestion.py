@@ -10,8 +10,10 @@ gain cycling and RTT probes leave capacity unused) and took a smaller share
 than CUBIC next to a neighbour.  So ``auto`` starts every subflow on the
 system default and moves a subflow to BBR once it has *shown* random loss:
 packets lost while its smoothed RTT is close to the lowest it has seen, so
-no queue was full (:func:`random_loss`, :class:`RandomLossDetector`).  The
-move is one way: a path that drops packets at random keeps doing so.
+no queue was full (:func:`random_loss`, pooled over the subflows of one
+route by :class:`RandomLossVote`).  The move is one way: a path that drops
+packets at random keeps doing so, and later subflows of that route start
+on BBR.
 
 Linux lets an unprivileged process set an algorithm only if it is loaded
 (``tcp_available_congestion_control``) *and* listed in
@@ -23,7 +25,7 @@ the choice is logged once at start and never per subflow.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from stripeproxy.core.kcontrol import TcpSample
@@ -32,7 +34,7 @@ __all__ = [
     "AUTO",
     "PREFERRED",
     "Choice",
-    "RandomLossDetector",
+    "RandomLossVote",
     "choose",
     "random_loss",
     "unusable",
@@ -154,27 +156,38 @@ def random_loss(before: TcpSample, after: TcpSample) -> bool | None:
     return after.rtt_us <= limit
 
 
-class RandomLossDetector:
-    """Whether one subflow's path drops packets at random, from its readings.
+class RandomLossVote:
+    """Whether one route (a local and a peer address: the subflows that share
+    a path) drops packets at random, from its subflows' readings.
 
-    One lossy interval can mislead (a slow start that overshoots fills the
-    queue within one round trip, faster than the smoothed RTT follows), so
-    random-loss intervals score +1 and congested ones -1 (never below 0),
-    and the verdict is given once the score reaches ``needed``.
+    Every reading round (0.5 s) each subflow's :func:`random_loss` verdict
+    is a vote; the round goes to random loss if more of its subflows lost
+    packets with no queue than behind one, and to congestion if fewer.  One
+    round can mislead (a slow start that overshoots fills the queue within
+    one round trip, faster than the smoothed RTT follows), so random rounds
+    score +1 and congested ones -1 (never below 0), and the verdict is given
+    once the score reaches ``needed``.  Pooling the subflows of a route
+    gathers the evidence K times faster than judging each alone, and a
+    subflow the scheduler gives little data (so few losses) moves with its
+    route.
     """
 
     def __init__(self, needed: int = 2) -> None:
         self.needed = needed
         self.score = 0
-        self.last: TcpSample | None = None
 
-    def feed(self, sample: TcpSample) -> bool:
-        """Take the next reading; True exactly once, when the verdict is reached."""
-        before, self.last = self.last, sample
-        if before is None or self.score >= self.needed:
-            return False
-        verdict = random_loss(before, sample)
-        if verdict is None:
-            return False
-        self.score = self.score + 1 if verdict else max(0, self.score - 1)
+    @property
+    def decided(self) -> bool:
         return self.score >= self.needed
+
+    def round(self, verdicts: Iterable[bool | None]) -> bool:
+        """One reading round's verdicts; True exactly once, when the verdict is reached."""
+        if self.decided:
+            return False
+        votes = [v for v in verdicts if v is not None]
+        random, congested = sum(votes), len(votes) - sum(votes)
+        if random > congested:
+            self.score += 1
+        elif congested > random:
+            self.score = max(0, self.score - 1)
+        return self.decided
