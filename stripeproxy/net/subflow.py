@@ -8,7 +8,6 @@ how the scheduler learns which subflow can take the next chunk.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from typing import Any
 
@@ -20,7 +19,7 @@ from zope.interface import implementer
 
 from stripeproxy.core import wire
 from stripeproxy.core.escape import printable
-from stripeproxy.net.congestion import in_use
+from stripeproxy.net.congestion import in_use, set_algorithm
 from stripeproxy.net.driver import SessionDriver
 from stripeproxy.net.loss_watch import LossWatch
 
@@ -58,8 +57,7 @@ def tune_socket(transport: Any, congestion: str | None = None) -> str | None:
     if congestion:
         # The start-up probe said it works; should the kernel change its mind,
         # the subflow's row shows what it got instead of a log line per subflow.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+        set_algorithm(sock, congestion)
     return in_use(sock)
 
 

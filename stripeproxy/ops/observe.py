@@ -61,13 +61,18 @@ class SubflowRow:
     cc: str = ""  # the socket's congestion control ('': unknown)
     path: str = ""  # the client's --path it leaves by ('': none, or the server)
     # Head-of-line cost at this end: chunks it brought that waited for an
-    # earlier one of another subflow (count and seconds, cumulative), and the
-    # window's mean wait of those (None: none waited in the window).
+    # earlier one of another subflow (count and seconds, cumulative), and over
+    # the window: such chunks per second and seconds of waiting per second.
     reorder_waits: int = 0
     reorder_wait_s: float = 0.0
     blocked_wait_s: float = 0.0
-    reorder_ms: float | None = None
-    reorder_rate: float = 0.0  # waiting chunks per second over the window
+    reorder_rate: float = 0.0
+    reorder_wait_rate: float = 0.0
+
+    @property
+    def reorder_ms(self) -> float | None:
+        """The window's mean wait of its chunks that waited (None: none did)."""
+        return _mean_ms(self.reorder_wait_rate, self.reorder_rate)
 
 
 @dataclass(frozen=True)
@@ -112,12 +117,8 @@ class PathRow:
     reorder_ms: float | None = None
 
 
-def _mean_reorder_ms(rows: list[SubflowRow]) -> float | None:
-    """The rows' mean wait, weighted by how many of their chunks waited."""
-    count = sum(r.reorder_rate for r in rows if r.reorder_ms is not None)
-    if count <= 0:
-        return None
-    return sum(r.reorder_rate * (r.reorder_ms or 0.0) for r in rows) / count
+def _mean_ms(wait_rate: float, rate: float) -> float | None:
+    return wait_rate / rate * 1000 if rate > 0 else None
 
 
 def path_rows(paths: Iterable[PathStatus], subflows: list[SubflowRow]) -> tuple[PathRow, ...]:
@@ -145,7 +146,9 @@ def path_rows(paths: Iterable[PathStatus], subflows: list[SubflowRow]) -> tuple[
             rtt_ms=rtt,
             retransmitted=sum(r.retransmitted for r in rows),
             tcp_retransmits=path.tcp_retransmits,
-            reorder_ms=_mean_reorder_ms(rows),
+            reorder_ms=_mean_ms(
+                sum(r.reorder_wait_rate for r in rows), sum(r.reorder_rate for r in rows)
+            ),
         )
         for path, rows, rates, rtt in grouped
     )
@@ -255,10 +258,8 @@ class Monitor(Service):
                         reorder_waits=sf.reorder_waits,
                         reorder_wait_s=sf.reorder_wait_s,
                         blocked_wait_s=sf.blocked_wait_s,
-                        reorder_ms=(
-                            waited_us.rate() / waiting.rate() / 1000 if waiting.rate() > 0 else None
-                        ),
                         reorder_rate=waiting.rate(),
+                        reorder_wait_rate=waited_us.rate() / 1e6,
                     )
                 )
             for st in driver.stream_info():
