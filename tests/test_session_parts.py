@@ -12,7 +12,7 @@ import stripeproxy.core.session
 import stripeproxy.net.driver
 from stripeproxy.core import wire
 from stripeproxy.core.session.acks import AckBatcher
-from stripeproxy.core.session.config import KiB, SessionConfig
+from stripeproxy.core.session.config import KiB, MiB, SessionConfig
 from stripeproxy.core.session.credit import Credit
 from stripeproxy.core.session.recovery import Recovery, SubflowState
 from stripeproxy.core.session.stream import Chunk, Stream, StreamState
@@ -151,7 +151,7 @@ def test_acks_wait_for_the_threshold_or_the_delay() -> None:
     sf, frames = out
     (frame,) = wire.FrameDecoder(False).feed(b"".join(frames))
     assert sf is subflows[0]
-    assert frame == wire.Ack(1, 100, 100 + credit.window(1))
+    assert frame == wire.Ack(1, 100, 100 + credit.window(st))
     assert acks.deadline is None and acks.pending == [] and st.recv.ack_due == 0
 
 
@@ -192,7 +192,7 @@ def test_a_small_window_is_acknowledged_at_half_the_credit_left() -> None:
     config = SessionConfig()
     acks, credit = AckBatcher(config), Credit(config)
     credit.data_streams = 300
-    window = credit.window(1)
+    window = credit.window(stream())
     assert window == 32 * 1024 * KiB // 300  # 109 KiB
     st = Stream(1, 256 * KiB, 64 * KiB, StreamState.OPEN, 0.0)
     acked = receive_and_flush(acks, credit, st, 16 * KiB, 256 * KiB, now=1.0)
@@ -259,7 +259,42 @@ def test_window_is_the_budget_shared_within_bounds(budget: int, streams: int, wi
     credit = Credit(SessionConfig())
     credit.memory_budget = budget
     credit.data_streams = streams
-    assert credit.window(1) == window
+    assert credit.window(stream()) == window
+
+
+def out_of_order(st: Stream, size: int) -> None:
+    """``size`` bytes arrive beyond a 1-byte hole at the stream's start."""
+    st.recv.receive(st.id, st.recv.next_offset + 1 + st.recv.buffered, b"x" * size)
+
+
+def test_reordering_doubles_a_stream_window_up_to_the_session_window() -> None:
+    """A far subflow's hole holds the near ones' bytes: once they fill half
+    the window it doubles (SPEC.md section 4), to the session window at most."""
+    config = SessionConfig(stream_window=4 * MiB, session_window=16 * MiB)
+    credit = Credit(config)
+    credit.data_streams = 1
+    st = Stream(1, 64 * MiB, 64 * MiB, StreamState.OPEN, 0.0)
+    out_of_order(st, 2 * MiB - 1)
+    assert not credit.reordered(st) and credit.window(st) == 4 * MiB
+    out_of_order(st, 1)
+    assert credit.reordered(st) and credit.window(st) == 8 * MiB
+    assert not credit.reordered(st)  # 2 MiB is not half of 8
+    out_of_order(st, 2 * MiB)
+    assert credit.reordered(st) and credit.window(st) == 16 * MiB
+    out_of_order(st, 6 * MiB)
+    assert not credit.reordered(st) and credit.window(st) == 16 * MiB
+
+
+def test_in_order_bytes_and_a_shared_budget_do_not_grow_the_window() -> None:
+    """A slow local peer holds in-order bytes, not reordered ones; and where
+    many streams share the budget, the share binds before the window does."""
+    credit = Credit(SessionConfig())
+    st = Stream(1, 64 * MiB, 64 * MiB, StreamState.OPEN, 0.0)
+    st.recv.receive(st.id, 0, b"x" * 3 * MiB)
+    assert not credit.reordered(st)
+    credit.data_streams = 64
+    out_of_order(st, 4 * MiB)
+    assert not credit.reordered(st) and credit.window(st) == 512 * KiB
 
 
 def test_the_budget_blocks_new_chunks_and_reports_the_unblocking_once() -> None:

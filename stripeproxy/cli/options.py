@@ -130,7 +130,8 @@ def session_parameters(settings: type[Any]) -> list[list[Any]]:
             "stream-window",
             None,
             default_of(config, "stream_window", MiB),
-            "MiB a stream may have in flight towards us (credit).",
+            "MiB a stream may have in flight towards us (credit) at first; doubles, up to "
+            "--session-window, while bytes held behind a slower subflow fill half of it.",
             float,
         ],
         [

@@ -27,13 +27,32 @@ class Credit:
         self.unacked_bytes = 0
         self.send_blocked = False  # a chunk waited for unacknowledged bytes to drop
 
-    def window(self, stream_id: int) -> int:
+    def window(self, st: Stream) -> int:
         """The credit a stream gets beyond what it has delivered."""
-        if stream_id == CONTROL_STREAM:
+        if st.id == CONTROL_STREAM:
             return CONTROL_WINDOW
         cfg = self.config
         share = self.memory_budget // max(self.data_streams, 1)
-        return max(cfg.min_stream_window, min(cfg.stream_window, share))
+        return max(cfg.min_stream_window, min(st.recv.window or cfg.stream_window, share))
+
+    def reordered(self, st: Stream) -> bool:
+        """Out-of-order bytes fill half of the stream's window: double it (True).
+
+        Bytes beyond a hole wait for a slower subflow (a far path, or one
+        repairing a loss), not for the local peer; with a window that only
+        covers the fast subflows' share of the wait, they stop until the hole
+        closes.  The window grows to the session window at most, and the
+        share of the memory budget still bounds it (SPEC.md section 4).
+        """
+        recv = st.recv
+        current = recv.window or self.config.stream_window
+        cap = self.config.session_window
+        if current >= cap or recv.buffered * 2 < current:
+            return False
+        if self.window(st) < current:
+            return False  # the budget's share binds, not the window
+        recv.window = min(2 * current, cap)
+        return True
 
     def update_due(self, st: Stream) -> bool:
         """The stream's window grew enough to announce: mark its ACK as due.
@@ -43,7 +62,7 @@ class Credit:
         """
         recv = st.recv
         delivered = recv.next_offset - recv.held_bytes
-        window = self.window(st.id)
+        window = self.window(st)
         threshold = self.config.ack_threshold
         if delivered + window - recv.advertised >= min(threshold, window):
             recv.ack_due = max(recv.ack_due, threshold)
@@ -58,7 +77,7 @@ class Credit:
         recv = st.recv
         if not recv.sink_paused:
             delivered = recv.next_offset - recv.held_bytes
-            recv.advertised = max(recv.advertised, delivered + self.window(st.id))
+            recv.advertised = max(recv.advertised, delivered + self.window(st))
 
     def may_send(self) -> bool:
         """Below the budget, a new chunk may go out; otherwise remember we waited."""

@@ -294,6 +294,8 @@ class Session(SessionBase):
             recovery.peer_at_limit(st)
         if pieces:
             self._deliver(st, pieces, now)
+        elif st.id != CONTROL_STREAM and self._credit.reordered(st):
+            self._maybe_window_update(st)
 
     def _deliver(self, st: Stream, pieces: list[bytes], now: float) -> None:
         if st.id == CONTROL_STREAM:

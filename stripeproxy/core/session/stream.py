@@ -278,6 +278,7 @@ class RecvSide:
         "held_bytes",
         "next_offset",
         "sink_paused",
+        "window",
     )
 
     def __init__(self, window: int) -> None:
@@ -291,6 +292,7 @@ class RecvSide:
         self.ack_due = 0  # bytes received since our last ACK
         self.held: list[bytes] = []  # in-order bytes waiting for the stream to open
         self.held_bytes = 0
+        self.window = 0  # this stream's grown window; 0 until reordering grows it
 
     def receive(
         self,
