@@ -4,6 +4,7 @@ readings, and TCP_INFO read from real loopback sockets."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import socket
 import statistics
@@ -117,6 +118,28 @@ def test_a_doubled_step_must_bring_half_of_its_proportional_gain() -> None:
     decisions, _ = drive(ctl, bends, 15)
     assert [d.target for d in decisions[:3]] == [3, 5, 3]
     assert decisions[2].reason == "goodput +20% with 5: back to 3"
+
+
+def test_a_gain_near_the_margin_is_measured_on_before_it_is_judged() -> None:
+    """+8 % measured with +-10 % noise could be the real +17 %: within two
+    standard errors of the 10 % bar, the probe measures on (up to hold_max)
+    instead of going back; once the samples say +17 %, it is kept."""
+    ctl = KController(2, 16, 6)
+    wobble = itertools.cycle([0.95, 1.0, 1.05])
+    samples = itertools.count()
+
+    def first_low(k: int, _n: int) -> float:
+        # The probe starts at sample 9 (4.5 s) and is due to be judged at sample 18.
+        n = next(samples)
+        level = 1.0 if k == 6 else (1.08 if n <= 18 else 1.17)
+        return level * next(wobble) * MB
+
+    decisions, now = drive(ctl, first_low, 9.5)
+    assert [d.target for d in decisions] == [7]  # +8 % after the hold: not judged yet
+    assert ctl.probing
+    decisions, _ = drive(ctl, first_low, 2.0, start=now)
+    assert [d.target for d in decisions] == [9]
+    assert decisions[0].reason.startswith("goodput +11% with 7; try 9")
 
 
 def test_flat_curve_loss_limited_goes_no_higher_and_walks_down() -> None:

@@ -166,8 +166,9 @@ class KController:
       fraction (0.10: 10 %); below it the addition is not worth its cost;
     - ``confidence``: ... and by at least this many standard errors of the
       difference, so that noisy samples need a larger gain, or more of them:
-      a probe that gained more than ``margin`` but not enough to be sure
-      measures on, up to ``hold_max`` seconds, before it is judged;
+      a probe whose gain is within that many standard errors of ``margin``,
+      above or below, measures on, up to ``hold_max`` seconds, before it is
+      judged;
     - ``step_fraction``: a probe adds ``max(1, target * step_fraction)``
       subflows, so the step, like the gain it must show, scales with K; each
       addition kept in a row doubles the next one (as slow start does: a
@@ -339,11 +340,15 @@ class KController:
         if self._target < self._probe_from:
             if gain > -self.margin:
                 return self._keep(now, measured, window.mostly_limited, change)
-        elif gain >= self._needed() and measured.level > base.level:
-            if gain < noise and window.held(now) < self.hold_max:
-                return None  # promising but not yet distinguishable from noise
-            if gain >= noise:
+        elif measured.level > base.level:
+            needed = self._needed()
+            if gain >= needed and gain >= noise:
                 return self._keep(now, measured, window.mostly_limited, change)
+            if gain + noise >= needed and window.held(now) < self.hold_max:
+                # Either side of the bar within the noise: measure on.  Judging
+                # now would take back a real gain one probe in ten at +-10 %
+                # noise, and each revert doubles the wait for the next probe.
+                return None
         return self._revert(now, f"{change} with {self._target}")
 
     def _needed(self) -> float:
