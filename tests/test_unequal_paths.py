@@ -94,7 +94,10 @@ def test_the_fast_path_waits_less_on_a_far_one_than_with_plain_striping() -> Non
     # reorder window can hold what the near one delivers meanwhile.
     plain = Run([fast(), slow(0.150)], LeastQueuedScheduler)
     adaptive = Run([fast(), slow(0.150)])
-    assert adaptive.blocked("p2") < plain.blocked("p2")
-    assert adaptive.seconds < plain.seconds
+    assert adaptive.blocked("p2") < 0.75 * plain.blocked("p2")
+    # Since the receiver's window grows under reordering (SPEC.md section 4),
+    # plain striping no longer stalls on the far path either: both finish
+    # within a percent, and the difference is how long chunks wait (memory).
+    assert adaptive.seconds <= 1.01 * plain.seconds
     longest = max(w["blocked_max_s"] for w in adaptive.pair.server.reorder_waits().values())
     assert longest <= (WINDOW / BLEST_SAFETY) / fast().rate  # half the window at the near rate

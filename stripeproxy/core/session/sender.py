@@ -41,10 +41,17 @@ class Sender:
         ready = self.ready
         pick = self.scheduler.pick
         while ready:
+            st = ready[0]
+            if not self._has_chunk(st):
+                ready.popleft()
+                st.ready = False
+                continue
+            # Asked only when a chunk waits: the scheduler's pass over the
+            # subflows is the costliest step here, and most flushes end on a
+            # stream that has nothing left.
             sf = pick(subflows)
             if sf is None:
                 return None
-            st = ready[0]
             chunk, is_retx = self._next_chunk(st)
             if chunk is None:
                 ready.popleft()
@@ -58,6 +65,16 @@ class Sender:
                 sf = other or sf
             return sf, chunk, is_retx
         return None
+
+    def _has_chunk(self, st: Stream) -> bool:
+        """Whether :meth:`_next_chunk` may find one (a queued retransmission may
+        turn out stale: then it finds none, at the cost of one pick)."""
+        send = st.send
+        if send.retx:
+            return True
+        if not send.queue or send.next_offset >= send.limit or st.opening:
+            return False
+        return st.id == CONTROL_STREAM or self.credit.may_send()
 
     def _next_chunk(self, st: Stream) -> tuple[Chunk | None, bool]:
         send = st.send
