@@ -16,7 +16,6 @@ from stripeproxy.core.session.stream import (
     TRANSITIONS,
     RecvSide,
     Residence,
-    Stream,
     StreamInput,
     StreamState,
     StreamStateError,
@@ -107,45 +106,3 @@ def test_in_order_and_duplicate_chunks_record_no_wait() -> None:
     recv.receive(1, 0, b"a" * 100, sid=2, now=2.0, residence=residence)  # a second copy
     recv.receive(1, 100, b"b" * 100, sid=2, now=3.0, residence=residence)
     assert residence.subflows == {}
-
-
-# ------------------------------------------------------------- send queue
-
-
-def test_a_large_read_is_cut_into_views_of_it() -> None:
-    """A 256 KiB read (net.local.READ_SIZE) goes out as four 64 KiB chunks
-    that are views of the read, not copies, and in order; a small read that
-    follows the cut remainder is coalesced onto it as before."""
-    stream = Stream(1, 1 << 30, 1 << 30, StreamState.OPEN, 0.0)
-    send = stream.send
-    read = bytes(range(256)) * 1024
-    send.enqueue(read, 64 * 1024)
-    first = send.take(stream, 64 * 1024)
-    assert isinstance(first.data, memoryview) and first.data.obj is read
-    send.enqueue(b"tail", 256 * 1024)  # coalesced onto the 192 KiB view
-    assert len(send.queue) == 1
-    rest = [send.take(stream, 64 * 1024) for _ in range(3)]
-    last = send.take(stream, 64 * 1024)
-    assert bytes(last.data) == b"tail" and send.queued == 0
-    assert b"".join(bytes(c.data) for c in [first, *rest]) == read
-    assert [c.offset for c in [first, *rest, last]] == [i * 64 * 1024 for i in range(5)]
-
-
-@given(
-    reads=st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=40),
-    rooms=st.lists(st.integers(1, 5000), min_size=1, max_size=20),
-)
-def test_any_reads_cut_any_way_come_out_whole(reads: list[bytes], rooms: list[int]) -> None:
-    stream = Stream(1, 1 << 30, 1 << 30, StreamState.OPEN, 0.0)
-    send = stream.send
-    for data in reads:
-        send.enqueue(data, 2048)
-    out = []
-    for room in itertools.cycle(rooms):
-        if not send.queue:
-            break
-        chunk = send.take(stream, room)
-        assert 0 < len(chunk.data) <= room
-        out.append(bytes(chunk.data))
-    assert b"".join(out) == b"".join(reads)
-    assert send.queued == 0 and send.next_offset == sum(map(len, reads))

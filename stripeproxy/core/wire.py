@@ -185,12 +185,8 @@ def _frame(ftype: int, body: bytes, crc: bool) -> bytes:
     return head + body
 
 
-def encode_data(stream_id: int, offset: int, payload: bytes | memoryview, crc: bool) -> list[bytes]:
-    """Encode a DATA frame as pieces for ``writeSequence``: a bytes payload
-    is not copied; a view (a piece of a larger read) is, as Twisted writes
-    only bytes."""
-    if isinstance(payload, memoryview):
-        payload = payload.tobytes()
+def encode_data(stream_id: int, offset: int, payload: bytes, crc: bool) -> list[bytes]:
+    """Encode a DATA frame as pieces for ``writeSequence`` (the payload is not copied)."""
     head = _DATA_FULL_HEAD.pack(T_DATA, 0, len(payload) + _DATA_HEAD.size, stream_id, offset)
     if crc:
         return [head, payload, CRC.pack(crc32c.crc32c(payload, crc32c.crc32c(head)))]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol, cast
 
-from twisted.internet import tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
@@ -19,9 +18,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stripeproxy.net.driver import SessionDriver
-
-#: Bytes read from the local peer at a time.
-READ_SIZE = 256 * 1024
 
 
 class _Transport(Protocol):
@@ -82,11 +78,6 @@ class LocalStream(TwistedProtocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        # Reading 256 KiB at a time (Twisted reads 64 KiB) cuts the reactor
-        # turns, timer re-arms and flushes per byte by four; the session cuts
-        # each read into chunks without copying it.
-        if isinstance(self.transport, tcp.Connection):
-            self.transport.bufferSize = READ_SIZE
 
     def bind(self, driver: SessionDriver, stream_id: int, target: str) -> None:
         self.driver = driver

@@ -99,7 +99,7 @@ class Chunk:
         "stream",
     )
 
-    def __init__(self, stream: Stream, offset: int, data: bytes | memoryview) -> None:
+    def __init__(self, stream: Stream, offset: int, data: bytes) -> None:
         self.stream = stream
         self.offset = offset
         self.data = data
@@ -128,9 +128,7 @@ class SendSide:
     )
 
     def __init__(self, limit: int) -> None:
-        # Reads as they came; a read cut into several chunks stays one buffer
-        # and the chunks are views of it (copied once, when each is written).
-        self.queue: deque[bytes | memoryview] = deque()
+        self.queue: deque[bytes] = deque()
         self.queued = 0
         self.next_offset = 0  # offset of the first unsent byte
         self.read_total = 0  # offset of the next byte the local peer gives us
@@ -146,7 +144,7 @@ class SendSide:
         not cost a frame per byte."""
         queue = self.queue
         if queue and len(queue[-1]) + len(data) <= chunk_size and len(data) < 4096:
-            queue[-1] = b"".join((queue[-1], data))
+            queue[-1] += data
         else:
             queue.append(data)
         self.queued += len(data)
@@ -158,9 +156,8 @@ class SendSide:
         if len(head) <= room:
             data = self.queue.popleft()
         else:
-            view = head if isinstance(head, memoryview) else memoryview(head)
-            data = view[:room]
-            self.queue[0] = view[room:]
+            data = head[:room]
+            self.queue[0] = head[room:]
         chunk = Chunk(stream, self.next_offset, data)
         self.unacked[self.next_offset] = chunk
         self.next_offset += len(data)
