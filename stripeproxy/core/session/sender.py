@@ -69,23 +69,26 @@ class Sender:
     def _has_chunk(self, st: Stream) -> bool:
         """Whether :meth:`_next_chunk` may find one (a queued retransmission may
         turn out stale: then it finds none, at the cost of one pick)."""
+        return bool(st.send.retx) or self._may_send_new(st)
+
+    def _may_send_new(self, st: Stream) -> bool:
+        """New data waits, the peer's credit allows it and so does our budget."""
         send = st.send
-        if send.retx:
-            return True
         if not send.queue or send.next_offset >= send.limit or st.opening:
             return False
+        # The peer's credit does not decide what we hold: our budget does.
         return st.id == CONTROL_STREAM or self.credit.may_send()
 
     def _next_chunk(self, st: Stream) -> tuple[Chunk | None, bool]:
+        """The chunk :meth:`_has_chunk` promised: a retransmission first, else
+        new data (checked here only when the retransmissions were stale)."""
         send = st.send
         if send.retx:
             chunk = send.next_retransmission()
             if chunk is not None:
                 return chunk, True
-        if not send.queue or send.next_offset >= send.limit or st.opening:
-            return None, False
-        if st.id != CONTROL_STREAM and not self.credit.may_send():
-            return None, False  # the peer's credit does not decide what we hold: our budget does
+            if not self._may_send_new(st):
+                return None, False
         chunk = send.take(st, min(self.config.chunk_size, send.limit - send.next_offset))
         self.credit.unacked_bytes += len(chunk.data)
         return chunk, False
