@@ -67,7 +67,10 @@ def flat(_k: int, _n: int) -> float:
 
 def test_climbs_on_a_concave_curve_and_settles_near_its_knee() -> None:
     ctl = KController(2, 16, 6)
-    decisions, _ = drive(ctl, saturating, 300)
+    decisions, now = drive(ctl, saturating, 300)
+    while ctl.probing:  # judged only between searches, not halfway through one
+        more, now = drive(ctl, saturating, TICK, start=now)
+        decisions += more
     assert ctl.target in (9, 10)
     # It went up by probes that were kept, and the one past the knee came back.
     ups = [d for d in decisions if "try" in d.reason]
@@ -75,6 +78,12 @@ def test_climbs_on_a_concave_curve_and_settles_near_its_knee() -> None:
     assert any("back to" in d.reason for d in decisions)
     # The doubled step past the knee is taken back at once; no later probe goes beyond it.
     assert decisions[3] == KDecision(9, "goodput +0% with 16: back to 9")
+    # ... and a single step from 9, measured afresh, is the search's last.
+    assert decisions[4:6] == [
+        KDecision(11, "try 11: loss-limited at 93.6 Mbit/s"),
+        KDecision(9, "goodput +0% with 11: back to 9"),
+    ]
+    assert decisions[6].reason.startswith("try 7: does 9 pay?")
     assert max(d.target for d in decisions[4:]) <= 13
 
 
@@ -120,6 +129,26 @@ def test_a_doubled_step_must_bring_half_of_its_proportional_gain() -> None:
     assert decisions[2].reason == "goodput +20% with 5: back to 3"
 
 
+def test_a_doubled_step_taken_back_is_followed_by_a_single_step() -> None:
+    """A kept probe's measurement is the next baseline, and noise may have
+    flattered it (P3 with CUBIC subflows: "+166 % with 3", then 5 subflows
+    "-0 %" against it).  Going back from a doubled step re-measures the count
+    and tries one step more at once; only a single step taken back ends the
+    search (and the next one checks the other way)."""
+
+    def bends(k: int, _n: int) -> float:
+        return {2: 1.0, 3: 1.5, 4: 1.7, 5: 1.8}.get(k, 1.8) * MB
+
+    ctl = KController(2, 16, 2)
+    decisions, _ = drive(ctl, bends, 60)
+    assert [d.target for d in decisions[:8]] == [3, 5, 3, 4, 6, 4, 5, 4]
+    assert decisions[3].reason == "try 4: loss-limited at 12.0 Mbit/s"
+    assert decisions[6].reason == "try 5: loss-limited at 13.6 Mbit/s"
+    assert decisions[7].reason == "goodput +6% with 5: back to 4"
+    assert decisions[8].reason == "try 3: does 4 pay? (13.6 Mbit/s)"
+    assert max(d.target for d in decisions[8:]) <= 5
+
+
 def test_a_gain_near_the_margin_is_measured_on_before_it_is_judged() -> None:
     """+8 % measured with +-10 % noise could be the real +17 %: within two
     standard errors of the 10 % bar, the probe measures on (up to hold_max)
@@ -140,6 +169,40 @@ def test_a_gain_near_the_margin_is_measured_on_before_it_is_judged() -> None:
     decisions, _ = drive(ctl, first_low, 2.0, start=now)
     assert [d.target for d in decisions] == [9]
     assert decisions[0].reason.startswith("goodput +11% with 7; try 9")
+
+
+def test_a_gain_one_standard_error_clear_is_kept_once_measured_long_enough() -> None:
+    """Few CUBIC subflows swing +-50 % between samples: a real +25 % can stay
+    within two standard errors of zero for as long as the probe may wait.  At
+    ``hold_max`` one standard error is enough (the gain is still above the bar)."""
+    ctl = KController(2, 16, 6)
+    swing = itertools.cycle([0.5, 1.0, 1.5])
+
+    def swinging(k: int, _n: int) -> float:
+        return (1.0 if k == 6 else 1.25) * next(swing) * MB
+
+    # The probe starts at 4.5 s; its samples count from 6 s; hold_max ends at 15 s.
+    decisions, now = drive(ctl, swinging, 15)
+    assert [d.target for d in decisions] == [7] and ctl.probing
+    decisions, _ = drive(ctl, swinging, 1, start=now)
+    assert [d.target for d in decisions] == [9]
+    assert decisions[0].reason.startswith("goodput +31% with 7; try 9")
+
+
+def test_an_addition_kept_at_the_minimum_is_not_checked_downwards_at_once() -> None:
+    """A failed addition leaves a check downwards pending; at the minimum the
+    next search adds instead, and once that addition pays the search goes on
+    up (it used to ask next whether the count just kept pays)."""
+    visits: list[int] = []
+
+    def late(k: int, n: int) -> float:
+        visits.append(n)
+        return (1.0 if k == 2 or (k == 3 and n < 30) else k * 0.5) * MB
+
+    ctl = KController(2, 16, 2)
+    decisions, _ = drive(ctl, late, 40)
+    assert [d.target for d in decisions[:4]] == [3, 2, 3, 5]
+    assert decisions[3].reason.startswith("goodput +50% with 3; try 5: loss-limited")
 
 
 def test_flat_curve_loss_limited_goes_no_higher_and_walks_down() -> None:
@@ -252,7 +315,7 @@ def test_noise_below_the_margin_causes_no_oscillation(noise: list[float]) -> Non
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32))
 def test_noisy_saturating_curve_stays_near_its_knee(seed: int) -> None:
-    """Independent +-10 % noise on every sample (a hold's median damps it):
+    """Independent +-10 % noise on every sample (a hold's mean damps it):
     after the climb the target spends most of its time near the knee, and
     the hold-off bounds the changes.  (Noise bursts as long as a hold are
     indistinguishable from a real gain: no controller that measures can
@@ -271,7 +334,10 @@ def test_noisy_saturating_curve_stays_near_its_knee(seed: int) -> None:
         changes += ctl.observe(now, ctl.target, noisy(ctl.target, 0), True, True) is not None
         now += TICK
     assert 7 <= statistics.median(late) <= 12
-    assert changes <= 2 * 11
+    # About nine searches in 600 s (hold-offs 8, 16, 32, 64, then 120 s), each
+    # a probe and its revert; a few take one more step after a doubled one is
+    # taken back (in 6,000 seeds: 20 changes typically, 22 at most).
+    assert changes <= 2 * 12
 
 
 @settings(max_examples=200, deadline=None)

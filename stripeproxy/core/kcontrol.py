@@ -16,9 +16,12 @@ subflows never help costs one probe per minutes, not a sawtooth).  When the
 session is idle for a while it shrinks back to the minimum.
 
 Measurements are noisy (a loss burst, another process on the CPU), so
-a decision compares the *median* of the samples taken during a hold
-window, never one sample, and only samples taken while the session was
-busy and had exactly the target number of subflows open count.
+a decision compares the *mean* of the samples taken during a hold window
+(the goodput over the whole window), never one sample, and only samples
+taken while the session was busy and had exactly the target number of
+subflows open count.  Not the median: a sample counts whole 64 KiB chunks
+per half second, about 1 Mbit/s per step, and at a few Mbit/s the median of
+such steps moves by a fifth when the true rate barely moves.
 
 The controller is a plain object driven by :meth:`KController.observe`
 with the time as an argument, so it is tested on floats with synthetic
@@ -117,7 +120,7 @@ def _mbit(bytes_per_s: float) -> str:
 
 @dataclass(frozen=True)
 class _Measure:
-    """A measurement: the median goodput and the standard error of the samples' mean."""
+    """A measurement: the mean goodput and the standard error of that mean."""
 
     level: float
     error: float
@@ -145,7 +148,7 @@ class _Window:
     def measure(self) -> _Measure:
         n = len(self.samples)
         spread = statistics.stdev(self.samples) if n > 1 else 0.0
-        return _Measure(statistics.median(self.samples), spread / math.sqrt(n))
+        return _Measure(statistics.fmean(self.samples), spread / math.sqrt(n))
 
     @property
     def mostly_limited(self) -> bool:
@@ -159,22 +162,29 @@ class KController:
 
     - ``settle``: after a change, samples are ignored this long (new
       subflows handshake and leave slow start; closed ones drain);
-    - ``hold``: then samples are collected this long, and their median is
+    - ``hold``: then samples are collected this long, and their mean is
       the measurement (several RTTs on any path worth striping);
     - ``min_samples``: a measurement needs at least this many samples;
-    - ``margin``: a probe is kept if the median rose by at least this
+    - ``margin``: a probe is kept if the mean rose by at least this
       fraction (0.10: 10 %); below it the addition is not worth its cost;
     - ``confidence``: ... and by at least this many standard errors of the
       difference, so that noisy samples need a larger gain, or more of them:
       a probe whose gain is within that many standard errors of ``margin``,
-      above or below, measures on, up to ``hold_max`` seconds, before it is
-      judged;
+      above or below, measures on, up to ``hold_max`` seconds, and is then
+      judged against one standard error (a few CUBIC subflows on a lossy
+      path swing +-50 % from one half second to the next, so a real +50 %
+      from a third subflow can stay within two standard errors for as long
+      as anyone would wait);
     - ``step_fraction``: a probe adds ``max(1, target * step_fraction)``
       subflows, so the step, like the gain it must show, scales with K; each
       addition kept in a row doubles the next one (as slow start does: a
       lossy CUBIC path that gained from 2 to 3 subflows will likely gain
       from 3 to 5, and measuring one subflow at a time would take minutes
-      to reach 16), and a probe taken back ends the run;
+      to reach 16); a doubled step taken back is followed, once the count
+      it went back to is measured afresh, by a single step (the baseline a
+      kept probe leaves is its own measurement, which noise biases upward:
+      the probes kept are the ones measured high), and a single step taken
+      back ends the run;
     - ``backoff`` / ``backoff_max``: after a failed probe, the next one
       waits ``backoff``, doubled after every further failure up to
       ``backoff_max``; a kept probe resets it;
@@ -317,6 +327,10 @@ class KController:
                 else f"try {target}: does {self._target} pay? ({at})"
             )
         elif limited and self._target < self.k_max:
+            # At the minimum a pending check downwards gives way to an
+            # addition, whose own judgement then answers it: left pending, it
+            # would take back a kept addition's count at once.
+            self._down_next = False
             target = min(self.k_max, self._target + (step << min(self._streak, 4)))
             why = f"try {target}: loss-limited at {at}"
         else:
@@ -332,24 +346,26 @@ class KController:
         measured = window.measure()
         if base.level > 0:
             gain = (measured.level - base.level) / base.level
-            noise = self.confidence * math.hypot(base.error, measured.error) / base.level
+            error = math.hypot(base.error, measured.error) / base.level
             change = f"goodput {gain:+.0%}"
         else:
-            gain, noise = (math.inf if measured.level > 0 else 0.0), 0.0
+            gain, error = (math.inf if measured.level > 0 else 0.0), 0.0
             change = "goodput up from 0"
         if self._target < self._probe_from:
             if gain > -self.margin:
                 return self._keep(now, measured, window.mostly_limited, change)
         elif measured.level > base.level:
             needed = self._needed()
-            if gain >= needed and gain >= noise:
+            noise = self.confidence * error
+            final = window.held(now) >= self.hold_max
+            if gain >= needed and gain >= (min(error, noise) if final else noise):
                 return self._keep(now, measured, window.mostly_limited, change)
-            if gain + noise >= needed and window.held(now) < self.hold_max:
+            if gain + noise >= needed and not final:
                 # Either side of the bar within the noise: measure on.  Judging
                 # now would take back a real gain one probe in ten at +-10 %
                 # noise, and each revert doubles the wait for the next probe.
                 return None
-        return self._revert(now, f"{change} with {self._target}")
+        return self._revert(now, f"{change} with {self._target}", measured=True)
 
     def _needed(self) -> float:
         """The gain an addition must show: ``margin``, and for a doubled step
@@ -379,13 +395,24 @@ class KController:
         self._hold_off(now)
         return None
 
-    def _revert(self, now: float, why: str) -> KDecision:
+    def _revert(self, now: float, why: str, measured: bool = False) -> KDecision:
+        """Back to the count before the probe.  A measured doubled step that
+        did not pay leaves the search open: the next probe, a single step,
+        follows as soon as that count is measured again (on a lossy CUBIC
+        path, one lucky sample on the way up would otherwise stop the climb
+        at a third of the link for a whole hold-off).  Any other revert ends
+        the search."""
         assert self._probe_from is not None
         back = self._probe_from
-        self._down_next = self._target > back
+        added = self._target > back
+        retry = measured and added and self._streak > 0
+        self._down_next = added and not retry
         self._streak = 0
         self._probe_from = None
-        self._hold_off(now)
+        if retry:
+            self._next_probe = now
+        else:
+            self._hold_off(now)
         return self._change(now, back, f"{why}: back to {back}")
 
     def _hold_off(self, now: float) -> None:
