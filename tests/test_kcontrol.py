@@ -193,10 +193,8 @@ def test_an_addition_kept_at_the_minimum_is_not_checked_downwards_at_once() -> N
     """A failed addition leaves a check downwards pending; at the minimum the
     next search adds instead, and once that addition pays the search goes on
     up (it used to ask next whether the count just kept pays)."""
-    visits: list[int] = []
 
     def late(k: int, n: int) -> float:
-        visits.append(n)
         return (1.0 if k == 2 or (k == 3 and n < 30) else k * 0.5) * MB
 
     ctl = KController(2, 16, 2)

@@ -70,9 +70,8 @@ def read_whole_frames(tcp: Any) -> None:
     on a real transport) keeps the old limit.  A transport that is not
     Twisted's (a test fake) is left alone.
     """
-    full = getattr(tcp, "_isSendBufferFull", None)
     size = getattr(tcp, "bufferSize", None)
-    if full is None or not isinstance(size, int):
+    if not hasattr(tcp, "_isSendBufferFull") or not isinstance(size, int):
         return
 
     def send_buffer_full() -> bool:
